@@ -1,0 +1,17 @@
+"""vlmserve's inference engine: ``from engine import LLM, SamplingParams``."""
+
+from engine.config import EngineArgs
+from engine.llm import LLM
+from engine.outputs import CompletionOutput, Logprob, RequestOutput
+from engine.sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "EngineArgs", "RequestOutput", "CompletionOutput", "Logprob", "AsyncLLM"]
+
+
+def __getattr__(name: str):
+    # The async engine pulls in multiprocessing machinery; import it only when asked for.
+    if name == "AsyncLLM":
+        from engine.async_llm import AsyncLLM
+
+        return AsyncLLM
+    raise AttributeError(name)

@@ -1,0 +1,188 @@
+"""Engine configuration: the user-facing ``EngineArgs`` and the frozen configs passed down.
+
+``EngineArgs`` holds what ``LLM(...)`` and ``vlmserve serve`` accept; ``create_engine_config``
+resolves it once (model folder, HF config, dtype, lengths) into frozen dataclasses that every
+component receives explicitly. Nothing reads a global configuration.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.device import Platform, get_platform
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_dir: Path
+    hf_config: Any  # transformers.PretrainedConfig
+    architecture: str
+    dtype: torch.dtype
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+    tokenizer_dir: Path
+    trust_remote_code: bool
+    seed: int
+    served_name: str
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int
+    enable_prefix_caching: bool
+    gpu_memory_utilization: float
+    cpu_kv_cache_bytes: int
+    num_blocks_override: int | None
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    enable_chunked_prefill: bool
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    platform: Platform
+    attention_backend: str | None
+
+
+@dataclass
+class EngineArgs:
+    """Arguments of ``LLM(...)`` / ``vlmserve serve``; names and defaults follow vLLM."""
+
+    model: str
+    tokenizer: str | None = None
+    revision: str | None = None
+    dtype: str | torch.dtype = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    enable_chunked_prefill: bool = True
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_space: float = 1.0  # GiB of KV cache on CPU (vLLM's VLLM_CPU_KVCACHE_SPACE)
+    num_gpu_blocks_override: int | None = None
+    seed: int = 0
+    trust_remote_code: bool = False
+    served_model_name: str | None = None
+    attention_backend: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size: must be a positive power of two, got {self.block_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_num_seqs <= 0:
+            raise ValueError(f"max_num_seqs: must be positive, got {self.max_num_seqs}")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ValueError(f"max_model_len: must be positive, got {self.max_model_len}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens <= 0:
+            raise ValueError(f"max_num_batched_tokens: must be positive, got {self.max_num_batched_tokens}")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 2:
+            raise ValueError("num_gpu_blocks_override: must be at least 2 (block 0 is reserved)")
+        if self.cpu_kv_cache_space <= 0:
+            raise ValueError(f"cpu_kv_cache_space: must be positive GiB, got {self.cpu_kv_cache_space}")
+
+    def create_engine_config(self) -> EngineConfig:
+        from transformers import AutoConfig
+
+        from engine.loader import resolve_model_dir
+
+        self.validate()
+        platform = get_platform(self.device)
+        model_dir = resolve_model_dir(self.model, self.revision)
+        tokenizer_dir = resolve_model_dir(self.tokenizer, self.revision) if self.tokenizer else model_dir
+        hf_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=self.trust_remote_code)
+        archs = getattr(hf_config, "architectures", None) or []
+        if not archs:
+            raise ValueError(f"model: {model_dir}/config.json names no 'architectures'")
+        dtype = _resolve_dtype(self.dtype, hf_config, platform)
+        text_config = hf_config.get_text_config()
+        derived_len = getattr(text_config, "max_position_embeddings", None) or 2048
+        max_model_len = self.max_model_len or derived_len
+        if max_model_len > derived_len:
+            raise ValueError(
+                f"max_model_len: {max_model_len} exceeds the model's max_position_embeddings ({derived_len})"
+            )
+        max_batched = self.max_num_batched_tokens or max(8192, max_model_len if not self.enable_chunked_prefill else 0)
+        if not self.enable_chunked_prefill and max_batched < max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens: {max_batched} is smaller than max_model_len ({max_model_len}); "
+                "raise it or enable chunked prefill"
+            )
+        model = ModelConfig(
+            model_dir=model_dir,
+            hf_config=hf_config,
+            architecture=archs[0],
+            dtype=dtype,
+            max_model_len=max_model_len,
+            eos_token_ids=_eos_token_ids(model_dir, text_config),
+            tokenizer_dir=tokenizer_dir,
+            trust_remote_code=self.trust_remote_code,
+            seed=self.seed,
+            served_name=self.served_model_name or self.model,
+        )
+        cache = CacheConfig(
+            block_size=self.block_size,
+            enable_prefix_caching=self.enable_prefix_caching,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            cpu_kv_cache_bytes=int(self.cpu_kv_cache_space * (1 << 30)),
+            num_blocks_override=self.num_gpu_blocks_override,
+        )
+        sched = SchedulerConfig(
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=max_batched,
+            max_model_len=max_model_len,
+            enable_chunked_prefill=self.enable_chunked_prefill,
+        )
+        return EngineConfig(model, cache, sched, platform, self.attention_backend)
+
+
+def _resolve_dtype(dtype: str | torch.dtype, hf_config: Any, platform: Platform) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype
+    elif dtype == "auto":
+        cfg = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        if isinstance(cfg, str):
+            cfg = _DTYPES.get(cfg, torch.float32)
+        resolved = cfg if isinstance(cfg, torch.dtype) else torch.float32
+        if not platform.supports_dtype(resolved):
+            resolved = torch.bfloat16 if resolved == torch.float16 else torch.float32
+    elif dtype in _DTYPES:
+        resolved = _DTYPES[dtype]
+    else:
+        raise ValueError(f"dtype: unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16")
+    return resolved
+
+
+def _eos_token_ids(model_dir: Path, text_config: Any) -> tuple[int, ...]:
+    """EOS ids from generation_config.json (may be a list), else from config.json."""
+    eos: Any = None
+    gen = model_dir / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+    if eos is None:
+        eos = getattr(text_config, "eos_token_id", None)
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)

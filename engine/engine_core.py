@@ -1,0 +1,117 @@
+"""The engine core: scheduler + block manager + model runner, stepped in one loop.
+
+The offline ``LLM`` drives it in-process; ``AsyncLLM`` runs it in a child process
+(``engine.core_process``) so the server's event loop never waits on a model step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.model_runner import ModelRunner
+from engine.request import EngineRequest, Request, RequestStatus
+from engine.sampler import TokenLogprob
+from engine.scheduler import Scheduler
+
+
+@dataclass
+class EngineCoreOutput:
+    """What one step produced for one request (new tokens only)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[list[TokenLogprob]] | None = None
+    prompt_logprobs: list | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class EngineStats:
+    """A snapshot for metrics (vLLM's names in runtime/metrics.py map onto these)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_preemptions: int = 0
+    prefix_queries: int = 0
+    prefix_hits: int = 0
+    num_blocks: int = 0
+    step_time: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.runner = ModelRunner(config)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        needed = self.block_manager.blocks_needed(config.scheduler.max_model_len)
+        if needed > self.block_manager.num_usable_blocks:
+            raise ValueError(
+                f"max_model_len: {config.scheduler.max_model_len} tokens need {needed} KV blocks but only "
+                f"{self.block_manager.num_usable_blocks} fit; lower max_model_len or give the cache more memory"
+            )
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self._aborted: list[EngineCoreOutput] = []
+        self.last_step_time = 0.0
+
+    def add_request(self, req: EngineRequest) -> None:
+        if not req.prompt_token_ids:
+            raise ValueError("prompt: must contain at least one token")
+        if len(req.prompt_token_ids) >= self.config.scheduler.max_model_len:
+            raise ValueError(
+                f"prompt: {len(req.prompt_token_ids)} tokens leave no room to generate within "
+                f"max_model_len={self.config.scheduler.max_model_len}"
+            )
+        if req.request_id in self.scheduler.requests:
+            raise ValueError(f"request_id: {req.request_id!r} is already running")
+        self.scheduler.add_request(Request(req, self.config.scheduler.max_model_len))
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        for req in self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED):
+            self._aborted.append(EngineCoreOutput(req.request_id, [], finish_reason="abort"))
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._aborted)
+
+    def step(self) -> list[EngineCoreOutput]:
+        outputs, self._aborted = self._aborted, []
+        sched_out = self.scheduler.schedule()
+        if sched_out.is_empty:
+            return outputs
+        t0 = time.perf_counter()
+        result = self.runner.execute(sched_out)
+        self.last_step_time = time.perf_counter() - t0
+        for req in self.scheduler.update_from_output(sched_out, result.sampled):
+            lp = result.logprobs.get(req.request_id)
+            first = req.num_output_tokens == 1
+            outputs.append(
+                EngineCoreOutput(
+                    request_id=req.request_id,
+                    new_token_ids=[req.output_token_ids[-1]],
+                    new_logprobs=[lp] if lp is not None else None,
+                    prompt_logprobs=req.prompt_logprobs_acc if first and req.wants_prompt_logprobs else None,
+                    finish_reason=req.status.value if req.status.finished else None,
+                    stop_reason=req.stop_reason,
+                    num_cached_tokens=req.num_cached_tokens,
+                )
+            )
+        return outputs
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=bm.usage(),
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_queries=bm.num_queried_tokens,
+            prefix_hits=bm.num_hit_tokens,
+            num_blocks=bm.num_usable_blocks,
+            step_time=self.last_step_time,
+        )

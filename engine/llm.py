@@ -1,0 +1,117 @@
+"""The offline API: ``LLM(model=...).generate(...)`` and ``.chat(...)``, shaped like vLLM's.
+
+It runs the engine core in this process: requests are validated and tokenised up front (so a
+bad prompt fails before anything is queued), then the core is stepped until all are done.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from engine.config import EngineArgs
+from engine.engine_core import EngineCore
+from engine.output_processor import OutputKind, OutputProcessor
+from engine.outputs import RequestOutput
+from engine.processor import InputProcessor, PromptType, load_tokenizer
+from engine.sampling_params import SamplingParams
+
+Conversation = list[dict[str, Any]]
+
+
+class LLM:
+    """An engine for offline batched inference.
+
+    ``LLM(model=PATH_OR_HF_ID, dtype="auto", device="auto", max_model_len=None, max_num_seqs=256,
+    max_num_batched_tokens=None, block_size=16, enable_prefix_caching=True,
+    gpu_memory_utilization=0.9, seed=0, ...)`` — see ``EngineArgs`` for every option.
+    """
+
+    def __init__(self, model: str, **kwargs: Any) -> None:
+        self.engine_args = EngineArgs(model=model, **kwargs)
+        self.config = self.engine_args.create_engine_config()
+        self.tokenizer = load_tokenizer(self.config)
+        self.processor = InputProcessor(self.config, self.tokenizer)
+        self.core = EngineCore(self.config)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._counter = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for one prompt or a list; returns one RequestOutput per prompt, in order."""
+        single = isinstance(prompts, (str, dict))
+        prompt_list = [prompts] if single else list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompt_list)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompt_list):
+                raise ValueError(
+                    f"sampling_params: got {len(params_list)} for {len(prompt_list)} prompts; give one or one per prompt"
+                )
+        # Validate and tokenise everything before queuing anything.
+        processed = [
+            self.processor.process(str(next(self._counter)), p, sp) for p, sp in zip(prompt_list, params_list)
+        ]
+        order = []
+        for text, req in processed:
+            self._add(text, req, OutputKind.FINAL_ONLY)
+            order.append(req.request_id)
+        return self._run(order, use_tqdm and not single)
+
+    def chat(
+        self,
+        messages: Conversation | list[Conversation],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the chat template (the tokenizer's, or ``chat_template``) and generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = []
+        for conv in conversations:
+            text = self.processor.apply_chat_template(conv, chat_template, add_generation_prompt)
+            # The template already wrote any BOS; do not let the tokenizer add another.
+            prompts.append({"prompt": text, "prompt_token_ids": self.tokenizer(text, add_special_tokens=False).input_ids})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm and len(prompts) > 1)
+
+    def _add(self, prompt: str | None, req, kind: OutputKind) -> None:
+        n = req.sampling_params.n
+        children = {req.request_id: req.sampling_params} if n == 1 else {
+            f"{i}_{req.request_id}": req.sampling_params.for_child(i) for i in range(n)
+        }
+        self.output_processor.add_request(req.request_id, prompt, req.prompt_token_ids, children, kind)
+        for child_id, params in children.items():
+            child = req if n == 1 else type(req)(child_id, req.prompt_token_ids, params, req.arrival_time)
+            self.core.add_request(child)
+
+    def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        results: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(order), desc="Processed prompts", dynamic_ncols=True)
+        while self.core.has_unfinished():
+            ready, to_abort = self.output_processor.process(self.core.step())
+            if to_abort:
+                self.core.abort_requests(to_abort)
+            for out in ready:
+                if out.finished:
+                    results[out.request_id] = out
+                    if bar is not None:
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [results[rid] for rid in order]

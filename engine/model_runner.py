@@ -1,0 +1,194 @@
+"""Model runner: owns the model, the KV cache and the sampler; turns a SchedulerOutput into one
+flattened (varlen) forward pass and the sampled tokens.
+
+Requests stop here: what goes into the model is a ForwardBatch of tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from engine.config import EngineConfig
+from engine.loader import load_model
+from engine.request import Request
+from engine.sampler import Sampler, TokenLogprob, topk_logprobs
+from engine.scheduler import SchedulerOutput
+from kernels import AttentionMetadata, get_backend
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ForwardBatch:
+    # input_ids, positions: [num_tokens] int64
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    attn: AttentionMetadata
+    # logits_indices: [num_sampled] int64 — rows of the hidden states that produce a next token
+    logits_indices: torch.Tensor
+    sample_reqs: list[Request]
+    # (request, first row, number of rows) whose logits score the prompt (prompt_logprobs)
+    prompt_rows: list[tuple[Request, int, int]] = field(default_factory=list)
+
+
+@dataclass
+class RunnerOutput:
+    sampled: dict[str, int]
+    logprobs: dict[str, list[TokenLogprob]]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.platform = config.platform
+        self.device = config.platform.torch_device
+        self.block_size = config.cache.block_size
+        self.backend = get_backend(self.platform.type, config.attention_backend)
+        torch.manual_seed(config.model.seed)
+        self.model = load_model(config.model, self.platform, self.backend)
+        self.sampler = Sampler(self.device, config.model.seed)
+        self.num_blocks = self._determine_num_blocks()
+        shape = self.backend.kv_cache_shape(self.num_blocks, self.block_size, self.model.num_kv_heads, self.model.head_dim)
+        # kv_caches: num_layers x [2, num_blocks, block_size, Hkv, D] (reference layout); zeroed so that
+        # masked-out slots never hold NaN garbage.
+        self.kv_caches = [torch.zeros(shape, dtype=config.model.dtype, device=self.device) for _ in range(self.model.num_layers)]
+        logger.info("KV cache: %d blocks of %d tokens (%s backend)", self.num_blocks, self.block_size, self.backend.name)
+
+    # -- KV cache sizing ------------------------------------------------------------------------
+    def _block_bytes(self) -> int:
+        elem = torch.empty((), dtype=self.config.model.dtype).element_size()
+        return 2 * self.block_size * self.model.num_kv_heads * self.model.head_dim * elem * self.model.num_layers
+
+    def _determine_num_blocks(self) -> int:
+        cache, sched = self.config.cache, self.config.scheduler
+        if cache.num_blocks_override is not None:
+            return cache.num_blocks_override
+        # Never more than every sequence slot could fill at max_model_len (plus the null block).
+        ceiling = sched.max_num_seqs * -(-sched.max_model_len // self.block_size) + 1
+        if not self.platform.is_accelerator:
+            return max(2, min(ceiling, cache.cpu_kv_cache_bytes // self._block_bytes()))
+        free, total = self._profile_peak()
+        budget = total * cache.gpu_memory_utilization - (total - free)
+        blocks = int(budget // self._block_bytes())
+        if blocks < 2:
+            raise ValueError(
+                f"gpu_memory_utilization: {cache.gpu_memory_utilization} leaves no room for the KV cache "
+                f"({free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB after a profiling pass)"
+            )
+        return min(ceiling, blocks)
+
+    @torch.inference_mode()
+    def _profile_peak(self) -> tuple[float, int]:
+        """Run one forward of max_num_batched_tokens to measure activation memory beside the weights."""
+        sched = self.config.scheduler
+        num_tokens = min(sched.max_num_batched_tokens, sched.max_num_seqs * sched.max_model_len)
+        num_seqs = max(1, min(sched.max_num_seqs, num_tokens // max(1, sched.max_model_len // 4) or 1))
+        per_seq = [num_tokens // num_seqs] * num_seqs
+        per_seq[-1] += num_tokens - sum(per_seq)
+        self.platform.synchronize()
+        self.platform.reset_peak_memory_stats()
+        shape = self.backend.kv_cache_shape(2, self.block_size, self.model.num_kv_heads, self.model.head_dim)
+        scratch = [torch.zeros(shape, dtype=self.config.model.dtype, device=self.device) for _ in range(self.model.num_layers)]
+        qsl = np.concatenate([[0], np.cumsum(per_seq)]).tolist()
+        meta = AttentionMetadata(
+            slot_mapping=torch.zeros(num_tokens, dtype=torch.long, device=self.device),
+            block_tables=torch.zeros((num_seqs, -(-max(per_seq) // self.block_size)), dtype=torch.int32, device=self.device),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor(per_seq, dtype=torch.int32, device=self.device),
+            max_query_len=max(per_seq), max_seq_len=max(per_seq), block_size=self.block_size,
+            query_start_loc_cpu=qsl, seq_lens_cpu=per_seq,
+        )
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        hidden = self.model(ids, ids.clone(), scratch, meta)
+        self.model.compute_logits(hidden[: sched.max_num_seqs])
+        self.platform.synchronize()
+        peak = self.platform.max_memory_allocated()
+        del scratch, hidden
+        self.platform.empty_cache()
+        free, total = self.platform.mem_get_info()
+        allocated_now = torch.cuda.memory_allocated() if self.platform.type == "cuda" else 0
+        # Count the activation peak as used even though it has been released.
+        return free - max(0, peak - allocated_now), total
+
+    # -- one step -------------------------------------------------------------------------------
+    def prepare(self, out: SchedulerOutput) -> ForwardBatch:
+        bs = self.block_size
+        ids, pos, slots, qsl, seq_lens, tables = [], [], [], [0], [], []
+        logits_rows, sample_reqs, prompt_rows = [], [], []
+        for req, n in out.scheduled:
+            start = req.num_computed_tokens
+            p = np.arange(start, start + n)
+            blocks = np.asarray(req.block_ids, dtype=np.int64)
+            ids.append(np.asarray(req.all_token_ids[start : start + n], dtype=np.int64))
+            pos.append(p)
+            slots.append(blocks[p // bs] * bs + p % bs)
+            row0 = qsl[-1]
+            qsl.append(row0 + n)
+            seq_lens.append(start + n)
+            tables.append(req.block_ids)
+            if req.wants_prompt_logprobs and start < req.num_prompt_tokens - 1:
+                prompt_rows.append((req, row0, min(n, req.num_prompt_tokens - 1 - start)))
+            if start + n == req.num_tokens:
+                logits_rows.append(row0 + n - 1)
+                sample_reqs.append(req)
+        max_blocks = max(len(t) for t in tables)
+        table = np.zeros((len(tables), max_blocks), dtype=np.int32)
+        for i, t in enumerate(tables):
+            table[i, : len(t)] = t
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
+            block_tables=torch.from_numpy(table).to(dev),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            max_query_len=max(n for _, n in out.scheduled),
+            max_seq_len=max(seq_lens),
+            block_size=bs,
+            query_start_loc_cpu=qsl,
+            seq_lens_cpu=seq_lens,
+        )
+        return ForwardBatch(
+            input_ids=torch.from_numpy(np.concatenate(ids)).to(dev),
+            positions=torch.from_numpy(np.concatenate(pos)).to(dev),
+            attn=meta,
+            logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=dev),
+            sample_reqs=sample_reqs,
+            prompt_rows=prompt_rows,
+        )
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        batch = self.prepare(out)
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn)  # [N, hidden]
+        for req, row0, rows in batch.prompt_rows:
+            self._score_prompt(req, hidden[row0 : row0 + rows], req.num_computed_tokens)
+        if not batch.sample_reqs:
+            return RunnerOutput(sampled={}, logprobs={})
+        for req in batch.sample_reqs:
+            if req.params.seed is not None and req.generator is None:
+                req.generator = self.sampler.make_generator(req.params.seed)
+        logits = self.model.compute_logits(hidden[batch.logits_indices])  # [M, vocab]
+        result = self.sampler(logits, batch.sample_reqs)
+        sampled = {r.request_id: t for r, t in zip(batch.sample_reqs, result.token_ids)}
+        logprobs = {r.request_id: lp for r, lp in zip(batch.sample_reqs, result.logprobs) if lp is not None}
+        return RunnerOutput(sampled=sampled, logprobs=logprobs)
+
+    def _score_prompt(self, req: Request, hidden: torch.Tensor, start: int) -> None:
+        """Logprobs of prompt tokens start+1 .. start+rows given their prefixes (skipping ones already
+        scored before a preemption)."""
+        done = len(req.prompt_logprobs_acc)  # positions 0..done-1 already have entries
+        if start == 0 and done == 0:
+            req.prompt_logprobs_acc.append(None)
+            done = 1
+        skip = max(0, done - 1 - start)
+        if skip >= hidden.shape[0]:
+            return
+        logprobs = torch.log_softmax(self.model.compute_logits(hidden[skip:]), dim=-1)
+        targets = torch.tensor(
+            req.prompt_token_ids[start + 1 + skip : start + 1 + hidden.shape[0]], dtype=torch.long, device=logprobs.device
+        )
+        req.prompt_logprobs_acc.extend(topk_logprobs(logprobs, targets, req.params.prompt_logprobs))

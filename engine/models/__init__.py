@@ -1,0 +1,23 @@
+"""Model registry: HF ``architectures`` name -> our implementation, imported lazily."""
+
+from __future__ import annotations
+
+import importlib
+
+_MODELS: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("engine.models.llama", "LlamaForCausalLM"),
+    "Qwen2ForCausalLM": ("engine.models.llama", "Qwen2ForCausalLM"),
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_MODELS)
+
+
+def get_model_class(architecture: str) -> type:
+    if architecture not in _MODELS:
+        raise ValueError(
+            f"model: architecture {architecture!r} is not supported; supported: {supported_architectures()}"
+        )
+    module, cls = _MODELS[architecture]
+    return getattr(importlib.import_module(module), cls)

@@ -1,0 +1,190 @@
+"""Output processing in the front end: incremental detokenisation, stop strings, logprob
+decoding, and folding the n samples of a request into one ``RequestOutput``.
+
+Token-level stops (EOS, stop_token_ids, max_tokens) are decided in the engine core; stop
+*strings* need text, so they are found here, and the request is then aborted in the core.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.engine_core import EngineCoreOutput
+from engine.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from engine.sampling_params import SamplingParams
+
+
+class OutputKind(enum.Enum):
+    CUMULATIVE = "cumulative"  # every output carries all text so far
+    DELTA = "delta"  # every output carries only what is new (streaming)
+    FINAL_ONLY = "final_only"  # one output when the request finishes
+
+
+class IncrementalDetokenizer:
+    """New text for each new token; uses the fast tokenizer's DecodeStream when there is one."""
+
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool) -> None:
+        self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
+        self.token_ids: list[int] = []
+        self.text = ""
+        backend = getattr(tokenizer, "_tokenizer", None)
+        self._stream = None
+        if backend is not None:
+            from tokenizers.decoders import DecodeStream
+
+            self._backend = backend
+            self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+
+    def add(self, token_id: int) -> str:
+        self.token_ids.append(token_id)
+        if self._stream is not None:
+            piece = self._stream.step(self._backend, token_id) or ""
+        else:  # slow tokenizer: decode everything and diff (correct, quadratic)
+            full = self.tokenizer.decode(self.token_ids, skip_special_tokens=self.skip)
+            piece = full[len(self.text) :] if not full.endswith("\ufffd") else ""
+        self.text += piece
+        return piece
+
+
+@dataclass
+class _SeqState:
+    index: int
+    detok: IncrementalDetokenizer
+    params: SamplingParams
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[PositionLogprobs] | None = None
+    cumulative_logprob: float | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    sent_text: int = 0  # chars already delivered (DELTA)
+    sent_tokens: int = 0
+
+
+@dataclass
+class _ReqState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    kind: OutputKind
+    seqs: dict[str, _SeqState]  # child request id -> state
+    prompt_logprobs: list | None = None
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.seqs.values())
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.requests: dict[str, _ReqState] = {}
+        self.child_to_parent: dict[str, str] = {}
+
+    def add_request(
+        self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+        child_params: dict[str, SamplingParams], kind: OutputKind,
+    ) -> None:
+        seqs = {}
+        for i, (child_id, params) in enumerate(child_params.items()):
+            detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+            seqs[child_id] = _SeqState(i, detok, params, logprobs=[] if params.logprobs is not None else None,
+                                       cumulative_logprob=0.0 if params.logprobs is not None else None)
+            self.child_to_parent[child_id] = request_id
+        self.requests[request_id] = _ReqState(request_id, prompt, list(prompt_token_ids), kind, seqs)
+
+    def child_ids(self, request_id: str) -> list[str]:
+        state = self.requests.get(request_id)
+        return list(state.seqs) if state else []
+
+    def abort(self, request_id: str) -> None:
+        state = self.requests.pop(request_id, None)
+        for child in state.seqs if state else ():
+            self.child_to_parent.pop(child, None)
+
+    def process(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
+        """Apply core outputs; returns (RequestOutputs to deliver, child ids to abort in the core)."""
+        touched: dict[str, _ReqState] = {}
+        to_abort: list[str] = []
+        for out in outputs:
+            parent = self.child_to_parent.get(out.request_id)
+            if parent is None:
+                continue  # already finished or aborted here
+            state = self.requests[parent]
+            seq = state.seqs[out.request_id]
+            if seq.finish_reason is not None:
+                continue
+            if out.prompt_logprobs is not None and state.prompt_logprobs is None:
+                state.prompt_logprobs = [None if p is None else self._decode_lp(p) for p in out.prompt_logprobs]
+            state.num_cached_tokens = max(state.num_cached_tokens, out.num_cached_tokens)
+            self._apply(seq, out)
+            if out.finish_reason is None and seq.finish_reason is not None:
+                to_abort.append(out.request_id)  # a stop string ended it: the core must drop it too
+            touched[parent] = state
+        ready = []
+        for rid, state in touched.items():
+            ro = self._make_output(state)
+            if ro is not None:
+                ready.append(ro)
+            if state.finished:
+                self.abort(rid)
+        return ready, to_abort
+
+    def _apply(self, seq: _SeqState, out: EngineCoreOutput) -> None:
+        params = seq.params
+        for i, token in enumerate(out.new_token_ids):
+            seq.token_ids.append(token)
+            seq.detok.add(token)
+            if out.new_logprobs is not None and seq.logprobs is not None:
+                entry = self._decode_lp(out.new_logprobs[i])
+                seq.logprobs.append(entry)
+                seq.cumulative_logprob += entry[token].logprob
+        if params.stop and seq.finish_reason is None:
+            self._check_stop_strings(seq)
+        if seq.finish_reason is None and out.finish_reason is not None:
+            seq.finish_reason, seq.stop_reason = out.finish_reason, out.stop_reason
+
+    def _check_stop_strings(self, seq: _SeqState) -> None:
+        text = seq.detok.text
+        # Only the tail can hold a new match: the text added this step plus the longest stop - 1.
+        window = max(len(s) for s in seq.params.stop) + len(text) - seq.sent_text
+        start = max(0, len(text) - window)
+        best = None
+        for s in seq.params.stop:
+            pos = text.find(s, start)
+            if pos != -1 and (best is None or pos < best[0]):
+                best = (pos, s)
+        if best is not None:
+            pos, s = best
+            seq.detok.text = text[: pos + len(s)] if seq.params.include_stop_str_in_output else text[:pos]
+            seq.finish_reason, seq.stop_reason = "stop", s
+
+    def _decode_lp(self, entries: list) -> PositionLogprobs:
+        result: PositionLogprobs = {}
+        for token, logprob, rank in entries:
+            if token not in result:
+                result[token] = Logprob(logprob, rank, self.tokenizer.decode([token]))
+        return result
+
+    def _make_output(self, state: _ReqState) -> RequestOutput | None:
+        if state.kind == OutputKind.FINAL_ONLY and not state.finished:
+            return None
+        delta = state.kind == OutputKind.DELTA
+        completions = []
+        for seq in sorted(state.seqs.values(), key=lambda s: s.index):
+            text, ids, lps = seq.detok.text, seq.token_ids, seq.logprobs
+            if delta:
+                text, ids = text[seq.sent_text :], ids[seq.sent_tokens :]
+                lps = lps[seq.sent_tokens :] if lps is not None else None
+                seq.sent_text, seq.sent_tokens = len(seq.detok.text), len(seq.token_ids)
+                if not text and not ids and seq.finish_reason is None:
+                    continue
+            completions.append(CompletionOutput(seq.index, text, list(ids), seq.cumulative_logprob, lps,
+                                                seq.finish_reason, seq.stop_reason))
+        if delta and not completions:
+            return None
+        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, completions, state.finished,
+                             state.prompt_logprobs, state.num_cached_tokens)

@@ -1,0 +1,90 @@
+"""Input processing: prompts and chat messages -> validated, tokenised ``EngineRequest``s.
+
+Runs in the front end (the caller's process), so tokenisation and chat templating never block
+the engine's step loop. Everything a user can get wrong is checked here, before any work is
+queued, and raises ValueError naming the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from engine.config import EngineConfig
+from engine.request import EngineRequest
+from engine.sampling_params import SamplingParams
+
+PromptType = str | dict[str, Any]
+
+
+def load_tokenizer(config: EngineConfig):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        config.model.tokenizer_dir, trust_remote_code=config.model.trust_remote_code
+    )
+
+
+class InputProcessor:
+    def __init__(self, config: EngineConfig, tokenizer: Any) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.max_model_len = config.scheduler.max_model_len
+        self.vocab_size = config.model.hf_config.get_text_config().vocab_size
+        eos = set(config.model.eos_token_ids)
+        if getattr(tokenizer, "eos_token_id", None) is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.eos_token_ids = tuple(sorted(eos))
+
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """(prompt text or None, token ids) of a str, {"prompt": ...} or {"prompt_token_ids": ...}."""
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer(prompt).input_ids
+        if not isinstance(prompt, dict):
+            raise ValueError(f"prompt: expected a str or a dict, got {type(prompt).__name__}")
+        if "prompt_token_ids" in prompt:
+            ids = prompt["prompt_token_ids"]
+            if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) for t in ids):
+                raise ValueError("prompt_token_ids: must be a list of integers")
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt_token_ids: ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+            return prompt.get("prompt"), list(ids)
+        if "prompt" in prompt:
+            if not isinstance(prompt["prompt"], str):
+                raise ValueError("prompt: must be a string")
+            if prompt.get("multi_modal_data"):
+                raise ValueError("multi_modal_data: this model takes text only")
+            return prompt["prompt"], self.tokenizer(prompt["prompt"]).input_ids
+        raise ValueError("prompt: a dict prompt needs 'prompt' or 'prompt_token_ids'")
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], chat_template: str | None = None, add_generation_prompt: bool = True
+    ) -> str:
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+            raise ValueError("messages: must be a list of {'role': ..., 'content': ...} dicts")
+        template = chat_template or getattr(self.tokenizer, "chat_template", None)
+        if not template:
+            raise ValueError(
+                "chat_template: the model has no chat template and none was given; pass chat_template"
+            )
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def process(self, request_id: str, prompt: PromptType, params: SamplingParams) -> tuple[str | None, EngineRequest]:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
+        text, ids = self.tokenize_prompt(prompt)
+        if not ids:
+            raise ValueError("prompt: is empty after tokenisation")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt: {len(ids)} tokens is too long; max_model_len is {self.max_model_len} "
+                "and at least one token must be generated"
+            )
+        params = params.with_eos(self.eos_token_ids)
+        if params.max_tokens is None:
+            params = replace(params, max_tokens=self.max_model_len - len(ids))
+            params = params.with_eos(self.eos_token_ids)
+        return text, EngineRequest(request_id=request_id, prompt_token_ids=ids, sampling_params=params)

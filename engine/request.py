@@ -1,0 +1,98 @@
+"""Requests as the engine core sees them.
+
+``EngineRequest`` is what crosses from the front end (tokenised prompt, resolved parameters) to
+the engine core; ``Request`` is the core's mutable state for it. The scheduler knows no prefill or
+decode phase: a request has ``num_tokens`` (prompt + generated) and ``num_computed_tokens``
+(already in the KV cache), and each step computes some of the difference.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.sampling_params import SamplingParams
+
+
+@dataclass
+class EngineRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    arrival_time: float = field(default_factory=time.time)
+    # Extra keys mixed into the prefix-cache hash of each block (e.g. image hashes), by block index.
+    block_extra_keys: dict[int, tuple[Any, ...]] = field(default_factory=dict)
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+
+
+class Request:
+    """Engine-core state of one sequence."""
+
+    def __init__(self, req: EngineRequest, max_model_len: int) -> None:
+        self.request_id = req.request_id
+        self.prompt_token_ids = list(req.prompt_token_ids)
+        self.all_token_ids = list(req.prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.params = req.sampling_params
+        self.arrival_time = req.arrival_time
+        self.block_extra_keys = req.block_extra_keys
+        self.max_model_len = max_model_len
+        self.status = RequestStatus.WAITING
+        self.num_computed_tokens = 0
+        self.block_ids: list[int] = []
+        self.block_hashes: list[bytes] = []  # hashes of full blocks, filled by the block manager
+        self.num_cached_tokens = 0  # prefix-cache hit length at first schedule
+        self.num_preemptions = 0
+        self.stop_reason: int | str | None = None
+        self.generator: Any = None  # torch.Generator when the request is seeded
+        self.first_scheduled_time: float | None = None
+        self.prompt_logprobs_acc: list = []  # per prompt position: None or [(token, logprob, rank), ...]
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.params.prompt_logprobs is not None
+
+    def append_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    def check_stop(self) -> bool:
+        """After a token was appended: set a finished status if a token-level stop condition holds."""
+        params = self.params
+        last = self.output_token_ids[-1]
+        if self.num_output_tokens >= params.min_tokens and last in params._all_stop_token_ids:
+            self.status = RequestStatus.FINISHED_STOPPED
+            self.stop_reason = None if last not in params.stop_token_ids else last
+            return True
+        if (params.max_tokens is not None and self.num_output_tokens >= params.max_tokens) or (
+            self.num_tokens >= self.max_model_len
+        ):
+            self.status = RequestStatus.FINISHED_LENGTH
+            return True
+        return False

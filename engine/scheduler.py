@@ -1,0 +1,141 @@
+"""Continuous batching under a token budget, with chunked prefill and preemption by recompute.
+
+There is no prefill or decode phase: each step gives every running request up to
+``num_tokens - num_computed_tokens`` tokens of the budget (a decode is one token, a prompt may be
+cut into chunks), then admits waiting requests while budget, sequence slots and KV blocks last.
+When blocks run out, the most recently admitted running request is preempted: its blocks are
+freed (they stay in the prefix cache) and it goes back to the front of the queue to be recomputed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.config import SchedulerConfig
+from engine.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerOutput:
+    """What the model runner computes this step: (request, number of new tokens), in batch order."""
+
+    scheduled: list[tuple[Request, int]]
+    num_batched_tokens: int
+    preempted: list[str] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    def add_request(self, req: Request) -> None:
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[tuple[Request, int]] = []
+        preempted: list[str] = []
+        bm = self.block_manager
+
+        # 1. Running requests, oldest first; preempt from the newest end when blocks run out.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not bm.can_allocate(req, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is req:
+                    break
+            else:
+                bm.allocate(req, num_new)
+                scheduled.append((req, num_new))
+                budget -= num_new
+                i += 1
+                continue
+            break  # req itself was preempted: nothing newer is left to run
+
+        # 2. Waiting requests (preempted ones first), while budget, slots and blocks last.
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
+            req = self.waiting[0]
+            computed = bm.get_computed_blocks(req) if req.num_computed_tokens == 0 else []
+            num_new = req.num_tokens - req.num_computed_tokens - len(computed) * bm.block_size
+            if num_new > budget:
+                if not self.config.enable_chunked_prefill:
+                    break
+                num_new = budget
+            if not bm.can_allocate(req, num_new, computed):
+                break
+            self.waiting.popleft()
+            bm.allocate(req, num_new, computed)
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = time.time()
+                req.num_cached_tokens = len(computed) * bm.block_size
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            scheduled.append((req, num_new))
+            budget -= num_new
+
+        total = self.config.max_num_batched_tokens - budget
+        return SchedulerOutput(scheduled=scheduled, num_batched_tokens=total, preempted=preempted)
+
+    def _preempt(self, req: Request) -> None:
+        self.block_manager.free_request(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance computed counts, append sampled tokens, finish requests; returns those that got a token."""
+        updated: list[Request] = []
+        for req, num_new in out.scheduled:
+            req.num_computed_tokens += num_new
+            token = sampled.get(req.request_id)
+            if token is None:  # a prompt chunk that did not reach the end of the prompt
+                continue
+            req.append_token(token)
+            updated.append(req)
+            if req.check_stop():
+                self._finish(req)
+        return updated
+
+    def finish_requests(self, request_ids: list[str], status: RequestStatus) -> list[Request]:
+        """Abort (or stop-string finish) requests from outside; frees their blocks at once."""
+        done = []
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is None or req.status.finished:
+                continue
+            if req.status == RequestStatus.RUNNING:
+                self.running.remove(req)
+            else:
+                self.waiting.remove(req)
+            req.status = status
+            self._finish(req, already_removed=True)
+            done.append(req)
+        return done
+
+    def _finish(self, req: Request, already_removed: bool = False) -> None:
+        if not already_removed:
+            self.running.remove(req)
+        self.block_manager.free_request(req)
+        del self.requests[req.request_id]

@@ -1,0 +1,71 @@
+"""The attention backend interface: what the model runner and the models may ask of a kernel.
+
+A backend owns the layout of the KV cache (``kv_cache_shape``). The runner builds one
+``AttentionMetadata`` per step; every attention layer of the model then calls ``write_kv`` with
+the new keys/values and ``attend`` with the queries. Tokens of all sequences are flattened into
+one varlen batch: sequence ``i`` owns query rows ``query_start_loc[i]:query_start_loc[i+1]`` and
+these are its *last* tokens, so a query row at position ``p`` sees cached keys ``0..p``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step description of the flattened batch, shared by every layer."""
+
+    # slot_mapping: [num_tokens] int64 — cache slot (block_id * block_size + offset) of each new token
+    slot_mapping: torch.Tensor
+    # block_tables: [num_seqs, max_blocks] int32 — block ids of each sequence, padded with 0
+    block_tables: torch.Tensor
+    # query_start_loc: [num_seqs + 1] int32 — cumulative query lengths (cu_seqlens_q)
+    query_start_loc: torch.Tensor
+    # seq_lens: [num_seqs] int32 — context length of each sequence after this step's tokens
+    seq_lens: torch.Tensor
+    max_query_len: int
+    max_seq_len: int
+    block_size: int
+    # Host copies, so that reference kernels can loop without device->host syncs.
+    query_start_loc_cpu: list[int]
+    seq_lens_cpu: list[int]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+
+class AttentionBackend(ABC):
+    """A paged-attention implementation. Instances are stateless and shared by all layers."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def kv_cache_shape(
+        self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
+    ) -> tuple[int, ...]:
+        """Shape of one layer's KV cache tensor (keys and values together)."""
+
+    @abstractmethod
+    def write_kv(
+        self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        """Store new keys/values. key, value: [num_tokens, num_kv_heads, head_dim]."""
+
+    @abstractmethod
+    def attend(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        """Causal attention of the new tokens over each sequence's cached context.
+
+        query: [num_tokens, num_heads, head_dim] -> returns [num_tokens, num_heads, head_dim].
+        ``write_kv`` for the same tokens has already run, so the cache holds them too.
+        """

@@ -1,0 +1,65 @@
+"""Shared pytest fixtures: tiny random-weight HF checkpoints built once per session."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+_TESTS_DIR = Path(__file__).resolve().parent
+if str(_TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(_TESTS_DIR))
+
+import tiny_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """Llama, MHA (4 heads / 4 kv heads), untied embeddings."""
+    out = tmp_path_factory.mktemp("tiny_llama")
+    return tiny_models.build_tiny_model(out, "llama", num_attention_heads=4, num_key_value_heads=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_gqa(tmp_path_factory) -> Path:
+    """Llama, GQA (8 heads / 2 kv heads, head_dim 8) with two eos ids in generation_config:
+    the tokenizer's eos plus a regular token id."""
+    out = tmp_path_factory.mktemp("tiny_llama_gqa")
+    # The tokenizer is deterministic, so the eos id is known before building; take it from a
+    # throwaway tokenizer to avoid hard-coding ids.
+    tok = tiny_models.train_tokenizer(tmp_path_factory.mktemp("tiny_llama_gqa_tok"), "llama")
+    extra = tok.convert_tokens_to_ids("Ġthe")  # an ordinary, frequent BPE token
+    assert isinstance(extra, int) and extra != tok.unk_token_id
+    return tiny_models.build_tiny_model(
+        out,
+        "llama",
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        seed=1,
+        eos_token_ids=[tok.eos_token_id, extra],
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    """Qwen2, GQA (4 heads / 2 kv heads), q/k/v biases, tied embeddings."""
+    out = tmp_path_factory.mktemp("tiny_qwen2")
+    return tiny_models.build_tiny_model(
+        out, "qwen2", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, seed=2
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_sharded(tmp_path_factory) -> Path:
+    """Same weights as tiny_qwen2, saved as several safetensors shards + index.json."""
+    out = tmp_path_factory.mktemp("tiny_qwen2_sharded")
+    return tiny_models.build_tiny_model(
+        out,
+        "qwen2",
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        seed=2,
+        max_shard_size="100KB",
+    )
