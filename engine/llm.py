@@ -14,7 +14,8 @@ from engine.config import EngineArgs
 from engine.engine_core import EngineCore
 from engine.output_processor import OutputKind, OutputProcessor
 from engine.outputs import RequestOutput
-from engine.processor import InputProcessor, PromptType, load_tokenizer
+from engine.processor import InputProcessor, PromptType, load_tokenizer, split_children
+from engine.request import EngineRequest
 from engine.sampling_params import SamplingParams
 
 Conversation = list[dict[str, Any]]
@@ -86,14 +87,12 @@ class LLM:
             prompts.append({"prompt": text, "prompt_token_ids": self.tokenizer(text, add_special_tokens=False).input_ids})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm and len(prompts) > 1)
 
-    def _add(self, prompt: str | None, req, kind: OutputKind) -> None:
-        n = req.sampling_params.n
-        children = {req.request_id: req.sampling_params} if n == 1 else {
-            f"{i}_{req.request_id}": req.sampling_params.for_child(i) for i in range(n)
-        }
-        self.output_processor.add_request(req.request_id, prompt, req.prompt_token_ids, children, kind)
-        for child_id, params in children.items():
-            child = req if n == 1 else type(req)(child_id, req.prompt_token_ids, params, req.arrival_time)
+    def _add(self, prompt: str | None, req: EngineRequest, kind: OutputKind) -> None:
+        children = split_children(req)
+        self.output_processor.add_request(
+            req.request_id, prompt, req.prompt_token_ids, {c.request_id: c.sampling_params for c in children}, kind
+        )
+        for child in children:
             self.core.add_request(child)
 
     def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:

@@ -88,3 +88,16 @@ class InputProcessor:
             params = replace(params, max_tokens=self.max_model_len - len(ids))
             params = params.with_eos(self.eos_token_ids)
         return text, EngineRequest(request_id=request_id, prompt_token_ids=ids, sampling_params=params)
+
+
+def split_children(req: EngineRequest) -> list[EngineRequest]:
+    """A request with n > 1 becomes n core requests ``"{i}_{id}"`` that share the prompt (and, through
+    the prefix cache, its KV blocks); each gets ``params.for_child(i)`` (n=1, seed + i when seeded)."""
+    n = req.sampling_params.n
+    if n == 1:
+        return [req]
+    return [
+        EngineRequest(f"{i}_{req.request_id}", req.prompt_token_ids, req.sampling_params.for_child(i),
+                      req.arrival_time, req.block_extra_keys)
+        for i in range(n)
+    ]

@@ -1,0 +1,175 @@
+"""The async engine the server uses: front end in the caller's event loop, core in a child process.
+
+``async for out in engine.generate(prompt, params, request_id)`` streams RequestOutputs;
+``await engine.abort(request_id)`` drops a request and frees its KV blocks. Tokenisation,
+detokenisation and stop strings run here; the child process only schedules and runs the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from engine.config import EngineArgs
+from engine.core_process import start_core_process
+from engine.engine_core import EngineStats
+from engine.output_processor import OutputKind, OutputProcessor
+from engine.outputs import RequestOutput
+from engine.processor import InputProcessor, PromptType, load_tokenizer, split_children
+from engine.sampling_params import SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    """The core process died; no request can be served any more."""
+
+
+class AsyncLLM:
+    def __init__(self, engine_args: EngineArgs, start_timeout: float = 900.0) -> None:
+        self.engine_args = engine_args
+        self.config = engine_args.create_engine_config()
+        self.tokenizer = load_tokenizer(self.config)
+        self.processor = InputProcessor(self.config, self.tokenizer)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.stats = EngineStats()
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._send_lock = threading.Lock()
+        self._dead: str | None = None
+        self._proc, self._conn = start_core_process(engine_args, timeout=120.0)
+        try:
+            if not self._conn.poll(start_timeout):
+                raise RuntimeError(f"engine core did not start within {start_timeout:.0f} s")
+            msg = self._conn.recv()
+        except (EOFError, OSError, RuntimeError) as exc:
+            self.shutdown()
+            raise RuntimeError(f"engine core failed to start: {exc}") from exc
+        if msg[0] != "ready":
+            self.shutdown()
+            raise RuntimeError(f"engine core failed to start: {msg[1]}")
+        self.info: dict[str, Any] = msg[1]
+        self._reader = threading.Thread(target=self._read_loop, daemon=True, name="vlmserve-core-reader")
+        self._reader.start()
+
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs) -> "AsyncLLM":
+        return cls(engine_args)
+
+    # -- public API -----------------------------------------------------------------------------
+    @property
+    def is_running(self) -> bool:
+        return self._dead is None and self._proc.poll() is None
+
+    def num_unfinished(self) -> int:
+        return len(self._queues)
+
+    async def generate(
+        self,
+        prompt: PromptType,
+        sampling_params: SamplingParams,
+        request_id: str,
+        output_kind: OutputKind = OutputKind.CUMULATIVE,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream outputs of one request; leaving the loop early (or being cancelled) aborts it."""
+        if self._dead is not None:
+            raise EngineDeadError(self._dead)
+        if request_id in self._queues:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        self._loop = asyncio.get_running_loop()
+        text, req = self.processor.process(request_id, prompt, sampling_params)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = queue
+        children = split_children(req)
+        self.output_processor.add_request(
+            request_id, text, req.prompt_token_ids, {c.request_id: c.sampling_params for c in children}, output_kind
+        )
+        finished = False
+        try:
+            for child in children:
+                self._send(("add", child))
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                self._abort_now(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self._abort_now(request_id)
+        queue = self._queues.pop(request_id, None)
+        if queue is not None:
+            queue.put_nowait(asyncio.CancelledError(f"request {request_id} aborted"))
+
+    def shutdown(self) -> None:
+        try:
+            self._send(("shutdown",))
+        except Exception:
+            pass
+        try:
+            self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait(timeout=5)
+        self._conn.close()
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def _send(self, msg: tuple) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(self._dead)
+        with self._send_lock:
+            self._conn.send(msg)
+
+    def _abort_now(self, request_id: str) -> None:
+        child_ids = self.output_processor.child_ids(request_id)
+        self.output_processor.abort(request_id)
+        if child_ids and self._dead is None:
+            try:
+                self._send(("abort", child_ids))
+            except (OSError, EngineDeadError):
+                pass
+
+    def _read_loop(self) -> None:
+        """Reader thread: hands every message from the core to the event loop."""
+        while True:
+            try:
+                msg = self._conn.recv()
+            except (EOFError, OSError):
+                msg = ("fatal", "engine core process exited")
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(self._on_message, msg)
+            elif msg[0] == "outputs":
+                self.stats = msg[2]
+            if msg[0] == "fatal":
+                self._dead = self._dead or msg[1]
+                return
+
+    def _on_message(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "outputs":
+            self.stats = msg[2]
+            ready, to_abort = self.output_processor.process(msg[1])
+            if to_abort:
+                self._send(("abort", to_abort))
+            for out in ready:
+                queue = self._queues.get(out.request_id)
+                if queue is not None:
+                    queue.put_nowait(out)
+        elif kind == "error":
+            parent = self.output_processor.child_to_parent.get(msg[1], msg[1])
+            self._abort_now(parent)
+            queue = self._queues.get(parent)
+            if queue is not None:
+                queue.put_nowait(ValueError(msg[2]))
+        elif kind == "fatal":
+            self._dead = self._dead or msg[1]
+            for queue in self._queues.values():
+                queue.put_nowait(EngineDeadError(self._dead))
