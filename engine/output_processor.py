@@ -48,6 +48,13 @@ class IncrementalDetokenizer:
         self.text += piece
         return piece
 
+    def flush(self) -> str:
+        """At the end: emit what the stream held back (an incomplete UTF-8 tail decodes to U+FFFD)."""
+        full = self.tokenizer.decode(self.token_ids, skip_special_tokens=self.skip)
+        piece = full[len(self.text) :] if full.startswith(self.text) else ""
+        self.text += piece
+        return piece
+
 
 @dataclass
 class _SeqState:
@@ -145,6 +152,7 @@ class OutputProcessor:
         if params.stop and seq.finish_reason is None:
             self._check_stop_strings(seq)
         if seq.finish_reason is None and out.finish_reason is not None:
+            seq.detok.flush()
             seq.finish_reason, seq.stop_reason = out.finish_reason, out.stop_reason
 
     def _check_stop_strings(self, seq: _SeqState) -> None:
