@@ -8,6 +8,8 @@ detokenisation and stop strings run here; the child process only schedules and r
 from __future__ import annotations
 
 import asyncio
+import os
+from concurrent.futures import ThreadPoolExecutor
 import subprocess
 import threading
 from collections.abc import AsyncIterator
@@ -38,6 +40,7 @@ class AsyncLLM:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._send_lock = threading.Lock()
         self._dead: str | None = None
+        self._pool = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="vlmserve-preproc")
         self._proc, self._conn = start_core_process(engine_args, timeout=120.0)
         try:
             if not self._conn.poll(start_timeout):
@@ -78,15 +81,18 @@ class AsyncLLM:
         if request_id in self._queues:
             raise ValueError(f"request_id: {request_id!r} is already in use")
         self._loop = asyncio.get_running_loop()
-        text, req = self.processor.process(request_id, prompt, sampling_params)
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
-        children = split_children(req)
-        self.output_processor.add_request(
-            request_id, text, req.prompt_token_ids, {c.request_id: c.sampling_params for c in children}, output_kind
-        )
         finished = False
         try:
+            # Tokenisation and image preprocessing run in worker threads, never on the event loop.
+            text, req = await self._loop.run_in_executor(
+                self._pool, self.processor.process, request_id, prompt, sampling_params
+            )
+            children = split_children(req)
+            self.output_processor.add_request(
+                request_id, text, req.prompt_token_ids, {c.request_id: c.sampling_params for c in children}, output_kind
+            )
             for child in children:
                 self._send(("add", child))
             while True:
@@ -109,6 +115,7 @@ class AsyncLLM:
             queue.put_nowait(asyncio.CancelledError(f"request {request_id} aborted"))
 
     def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
         try:
             self._send(("shutdown",))
         except Exception:

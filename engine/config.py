@@ -35,6 +35,7 @@ class ModelConfig:
     trust_remote_code: bool
     seed: int
     served_name: str
+    limit_mm_per_prompt: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,8 @@ class EngineArgs:
     trust_remote_code: bool = False
     served_model_name: str | None = None
     attention_backend: str | None = None
+    # Max items per prompt by modality; vLLM v1's default of 999 applies to modalities not named.
+    limit_mm_per_prompt: dict[str, int] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -100,6 +103,11 @@ class EngineArgs:
             raise ValueError(f"max_num_batched_tokens: must be positive, got {self.max_num_batched_tokens}")
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 2:
             raise ValueError("num_gpu_blocks_override: must be at least 2 (block 0 is reserved)")
+        for modality, limit in (self.limit_mm_per_prompt or {}).items():
+            if modality not in ("image", "video") or not isinstance(limit, int) or limit < 0:
+                raise ValueError(
+                    f"limit_mm_per_prompt: expected {{'image'|'video': non-negative int}}, got {modality!r}: {limit!r}"
+                )
         if self.cpu_kv_cache_space <= 0:
             raise ValueError(f"cpu_kv_cache_space: must be positive GiB, got {self.cpu_kv_cache_space}")
 
@@ -141,6 +149,7 @@ class EngineArgs:
             trust_remote_code=self.trust_remote_code,
             seed=self.seed,
             served_name=self.served_model_name or self.model,
+            limit_mm_per_prompt=dict(self.limit_mm_per_prompt or {}),
         )
         cache = CacheConfig(
             block_size=self.block_size,

@@ -74,6 +74,7 @@ class EngineCore:
 
     def abort_requests(self, request_ids: list[str]) -> None:
         for req in self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED):
+            self.runner.encoder_cache.release(req.request_id)
             self._aborted.append(EngineCoreOutput(req.request_id, [], finish_reason="abort"))
 
     def has_unfinished(self) -> bool:
@@ -87,7 +88,11 @@ class EngineCore:
         t0 = time.perf_counter()
         result = self.runner.execute(sched_out)
         self.last_step_time = time.perf_counter() - t0
+        for rid in sched_out.preempted:
+            self.runner.encoder_cache.release(rid)
         for req in self.scheduler.update_from_output(sched_out, result.sampled):
+            if req.status.finished and req.mm_features:
+                self.runner.encoder_cache.release(req.request_id)
             lp = result.logprobs.get(req.request_id)
             first = req.num_output_tokens == 1
             outputs.append(

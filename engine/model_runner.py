@@ -13,7 +13,9 @@ import numpy as np
 import torch
 
 from engine.config import EngineConfig
+from engine.encoder_cache import EncoderCache
 from engine.loader import load_model
+from engine.multimodal import MultiModalFeature
 from engine.request import Request
 from engine.sampler import Sampler, TokenLogprob, topk_logprobs
 from engine.scheduler import SchedulerOutput
@@ -24,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ForwardBatch:
-    # input_ids, positions: [num_tokens] int64
+    # input_ids: [num_tokens] int64; positions: [num_tokens], or [3, num_tokens] for M-RoPE
     input_ids: torch.Tensor
     positions: torch.Tensor
     attn: AttentionMetadata
@@ -33,6 +35,9 @@ class ForwardBatch:
     sample_reqs: list[Request]
     # (request, first row, number of rows) whose logits score the prompt (prompt_logprobs)
     prompt_rows: list[tuple[Request, int, int]] = field(default_factory=list)
+    # (request id, feature, first encoder row, end encoder row, first batch row): encoder outputs
+    # that replace the placeholder tokens' embeddings in this step
+    mm_slices: list[tuple[str, MultiModalFeature, int, int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -51,6 +56,9 @@ class ModelRunner:
         torch.manual_seed(config.model.seed)
         self.model = load_model(config.model, self.platform, self.backend)
         self.sampler = Sampler(self.device, config.model.seed)
+        self.uses_mrope = bool(getattr(self.model, "uses_mrope", False))
+        # Room for a step's worth of image tokens several times over.
+        self.encoder_cache = EncoderCache(capacity_rows=4 * config.scheduler.max_num_batched_tokens)
         self.num_blocks = self._determine_num_blocks()
         shape = self.backend.kv_cache_shape(self.num_blocks, self.block_size, self.model.num_kv_heads, self.model.head_dim)
         # kv_caches: num_layers x [2, num_blocks, block_size, Hkv, D] (reference layout); zeroed so that
@@ -103,7 +111,8 @@ class ModelRunner:
             query_start_loc_cpu=qsl, seq_lens_cpu=per_seq,
         )
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
-        hidden = self.model(ids, ids.clone(), scratch, meta)
+        positions = ids.expand(3, -1).clone() if self.uses_mrope else ids.clone()
+        hidden = self.model(ids, positions, scratch, meta)
         self.model.compute_logits(hidden[: sched.max_num_seqs])
         self.platform.synchronize()
         peak = self.platform.max_memory_allocated()
@@ -118,15 +127,19 @@ class ModelRunner:
     def prepare(self, out: SchedulerOutput) -> ForwardBatch:
         bs = self.block_size
         ids, pos, slots, qsl, seq_lens, tables = [], [], [], [0], [], []
-        logits_rows, sample_reqs, prompt_rows = [], [], []
+        logits_rows, sample_reqs, prompt_rows, mm_slices = [], [], [], []
         for req, n in out.scheduled:
             start = req.num_computed_tokens
             p = np.arange(start, start + n)
             blocks = np.asarray(req.block_ids, dtype=np.int64)
             ids.append(np.asarray(req.all_token_ids[start : start + n], dtype=np.int64))
-            pos.append(p)
+            pos.append(self._mrope_positions(req, p) if self.uses_mrope else p)
             slots.append(blocks[p // bs] * bs + p % bs)
             row0 = qsl[-1]
+            for f in req.mm_features:
+                lo, hi = max(start, f.offset), min(start + n, f.end)
+                if lo < hi:  # this chunk covers some of the item's placeholder tokens
+                    mm_slices.append((req.request_id, f, lo - f.offset, hi - f.offset, row0 + lo - start))
             qsl.append(row0 + n)
             seq_lens.append(start + n)
             tables.append(req.block_ids)
@@ -153,17 +166,48 @@ class ModelRunner:
         )
         return ForwardBatch(
             input_ids=torch.from_numpy(np.concatenate(ids)).to(dev),
-            positions=torch.from_numpy(np.concatenate(pos)).to(dev),
+            positions=torch.from_numpy(np.concatenate(pos, axis=-1)).to(dev),
             attn=meta,
             logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=dev),
             sample_reqs=sample_reqs,
             prompt_rows=prompt_rows,
+            mm_slices=mm_slices,
         )
+
+    @staticmethod
+    def _mrope_positions(req: Request, p: np.ndarray) -> np.ndarray:
+        """[3, n] M-RoPE positions: the processor's for prompt tokens, p + delta for later ones."""
+        out = np.repeat((p + req.mrope_delta)[None, :], 3, axis=0)
+        if req.mrope_positions is not None:
+            prompt = np.asarray(req.mrope_positions)
+            in_prompt = p < prompt.shape[1]
+            out[:, in_prompt] = prompt[:, p[in_prompt]]
+        return out
+
+    def _merge_multimodal(self, batch: ForwardBatch) -> torch.Tensor:
+        """Token embeddings with each covered item's encoder rows written over its placeholders."""
+        embeds = self.model.get_input_embeddings(batch.input_ids)  # [N, hidden]
+        for request_id, f, lo, hi, row in batch.mm_slices:
+            enc = self.encoder_cache.get(f.identifier, request_id)
+            if enc is None:  # first chunk touching this item: run the vision tower once
+                enc = self.model.embed_multimodal(f.modality, {k: v.to(self.device) for k, v in f.data.items()})
+                if enc.shape[0] != f.length:
+                    raise ValueError(
+                        f"multi_modal_data: {f.modality} item yields {enc.shape[0]} embeddings "
+                        f"but the prompt has {f.length} placeholder tokens for it"
+                    )
+                self.encoder_cache.put(f.identifier, request_id, enc)
+            embeds[row : row + hi - lo] = enc[lo:hi].to(embeds.dtype)
+        return embeds
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         batch = self.prepare(out)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn)  # [N, hidden]
+        if batch.mm_slices:
+            embeds = self._merge_multimodal(batch)
+            hidden = self.model(None, batch.positions, self.kv_caches, batch.attn, inputs_embeds=embeds)
+        else:
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn)  # [N, hidden]
         for req, row0, rows in batch.prompt_rows:
             self._score_prompt(req, hidden[row0 : row0 + rows], req.num_computed_tokens)
         if not batch.sample_reqs:

@@ -11,6 +11,8 @@ from dataclasses import replace
 from typing import Any
 
 from engine.config import EngineConfig
+from engine.mm_processor import ProcessedPrompt, get_mm_processor
+from engine.multimodal import block_extra_keys
 from engine.request import EngineRequest
 from engine.sampling_params import SamplingParams
 
@@ -35,6 +37,7 @@ class InputProcessor:
         if getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
+        self.mm_processor = get_mm_processor(config, tokenizer)
 
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """(prompt text or None, token ids) of a str, {"prompt": ...} or {"prompt_token_ids": ...}."""
@@ -53,8 +56,6 @@ class InputProcessor:
         if "prompt" in prompt:
             if not isinstance(prompt["prompt"], str):
                 raise ValueError("prompt: must be a string")
-            if prompt.get("multi_modal_data"):
-                raise ValueError("multi_modal_data: this model takes text only")
             return prompt["prompt"], self.tokenizer(prompt["prompt"]).input_ids
         raise ValueError("prompt: a dict prompt needs 'prompt' or 'prompt_token_ids'")
 
@@ -76,6 +77,8 @@ class InputProcessor:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
         text, ids = self.tokenize_prompt(prompt)
+        processed = self._process_multimodal(prompt, ids)
+        ids = processed.prompt_token_ids
         if not ids:
             raise ValueError("prompt: is empty after tokenisation")
         if len(ids) >= self.max_model_len:
@@ -87,7 +90,24 @@ class InputProcessor:
         if params.max_tokens is None:
             params = replace(params, max_tokens=self.max_model_len - len(ids))
             params = params.with_eos(self.eos_token_ids)
-        return text, EngineRequest(request_id=request_id, prompt_token_ids=ids, sampling_params=params)
+        return text, EngineRequest(
+            request_id=request_id,
+            prompt_token_ids=ids,
+            sampling_params=params,
+            block_extra_keys=block_extra_keys(processed.mm_features, self.config.cache.block_size),
+            mm_features=processed.mm_features,
+            mrope_positions=processed.mrope_positions,
+            mrope_delta=processed.mrope_delta,
+        )
+
+    def _process_multimodal(self, prompt: PromptType, ids: list[int]) -> ProcessedPrompt:
+        mm_data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
+        if self.mm_processor is None:
+            if mm_data:
+                raise ValueError(f"multi_modal_data: {self.config.model.architecture} takes text only")
+            return ProcessedPrompt(ids)
+        # Multimodal models always go through their processor (M-RoPE needs positions even for text).
+        return self.mm_processor.process(ids, self.mm_processor.normalize(mm_data or {}))
 
 
 def split_children(req: EngineRequest) -> list[EngineRequest]:
@@ -97,7 +117,6 @@ def split_children(req: EngineRequest) -> list[EngineRequest]:
     if n == 1:
         return [req]
     return [
-        EngineRequest(f"{i}_{req.request_id}", req.prompt_token_ids, req.sampling_params.for_child(i),
-                      req.arrival_time, req.block_extra_keys)
+        replace(req, request_id=f"{i}_{req.request_id}", sampling_params=req.sampling_params.for_child(i))
         for i in range(n)
     ]

@@ -24,6 +24,11 @@ class EngineRequest:
     arrival_time: float = field(default_factory=time.time)
     # Extra keys mixed into the prefix-cache hash of each block (e.g. image hashes), by block index.
     block_extra_keys: dict[int, tuple[Any, ...]] = field(default_factory=dict)
+    # Images/videos of the prompt, in prompt order (engine.multimodal.MultiModalFeature).
+    mm_features: list[Any] = field(default_factory=list)
+    # M-RoPE (Qwen2-VL): positions [3, num_prompt_tokens] int64, and the offset of later tokens.
+    mrope_positions: Any = None
+    mrope_delta: int = 0
 
 
 class RequestStatus(enum.Enum):
@@ -50,6 +55,9 @@ class Request:
         self.params = req.sampling_params
         self.arrival_time = req.arrival_time
         self.block_extra_keys = req.block_extra_keys
+        self.mm_features = req.mm_features
+        self.mrope_positions = req.mrope_positions
+        self.mrope_delta = req.mrope_delta
         self.max_model_len = max_model_len
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0

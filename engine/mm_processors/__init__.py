@@ -1,0 +1,1 @@
+"""Per-architecture multimodal processors (see engine.mm_processor)."""
