@@ -7,6 +7,7 @@ import importlib
 _MODELS: dict[str, tuple[str, str]] = {
     "LlamaForCausalLM": ("engine.models.llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("engine.models.llama", "Qwen2ForCausalLM"),
+    "Qwen2VLForConditionalGeneration": ("engine.models.qwen2_vl", "Qwen2VLForConditionalGeneration"),
 }
 
 
