@@ -88,7 +88,16 @@ class EngineArgs:
     attention_backend: str | None = None
     # Max items per prompt by modality; vLLM v1's default of 999 applies to modalities not named.
     limit_mm_per_prompt: dict[str, int] = field(default_factory=dict)
+    # Media fetching for chat image_url parts (see engine.media).
+    allowed_local_media_path: str | None = None
+    allowed_media_domains: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def media_config(self) -> "MediaConfig":
+        from engine.media import MediaConfig
+
+        domains = tuple(self.allowed_media_domains) if self.allowed_media_domains else None
+        return MediaConfig(allowed_local_media_path=self.allowed_local_media_path, allowed_media_domains=domains)
 
     def validate(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

@@ -12,6 +12,7 @@ from typing import Any
 
 from engine.config import EngineArgs
 from engine.engine_core import EngineCore
+from engine.media import MediaLoader
 from engine.output_processor import OutputKind, OutputProcessor
 from engine.outputs import RequestOutput
 from engine.processor import InputProcessor, PromptType, load_tokenizer, split_children
@@ -36,6 +37,7 @@ class LLM:
         self.processor = InputProcessor(self.config, self.tokenizer)
         self.core = EngineCore(self.config)
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.media_loader = MediaLoader(self.engine_args.media_config())
         self._counter = itertools.count()
 
     def get_tokenizer(self) -> Any:
@@ -78,13 +80,13 @@ class LLM:
         add_generation_prompt: bool = True,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Apply the chat template (the tokenizer's, or ``chat_template``) and generate."""
+        """Apply the chat template (the tokenizer's, or ``chat_template``) and generate.
+
+        Message content is a string or OpenAI-style parts (text, image_url with data:/http(s)/file
+        URLs, or {"type": "image", "image": PIL.Image}), interleaved in any order."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = []
-        for conv in conversations:
-            text = self.processor.apply_chat_template(conv, chat_template, add_generation_prompt)
-            # The template already wrote any BOS; do not let the tokenizer add another.
-            prompts.append({"prompt": text, "prompt_token_ids": self.tokenizer(text, add_special_tokens=False).input_ids})
+        prompts = [self.processor.chat_prompt(c, self.media_loader, chat_template, add_generation_prompt)
+                   for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm and len(prompts) > 1)
 
     def _add(self, prompt: str | None, req: EngineRequest, kind: OutputKind) -> None:

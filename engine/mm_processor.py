@@ -45,6 +45,11 @@ def _is_pil(obj: Any) -> bool:
 
 
 class MultiModalProcessor(ABC):
+    # What a chat message carries in place of an image when its template renders no placeholder,
+    # and the token text that marks one image in a rendered prompt.
+    image_placeholder_text: str = ""
+    image_placeholder_token: str = ""
+
     def __init__(self, config: Any, tokenizer: Any) -> None:
         self.config = config
         self.tokenizer = tokenizer

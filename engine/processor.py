@@ -73,6 +73,25 @@ class InputProcessor:
             messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
+    def chat_prompt(
+        self, messages: list[dict[str, Any]], loader: Any, chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> dict[str, Any]:
+        """A conversation -> {"prompt", "prompt_token_ids", "multi_modal_data"?} ready for ``process``."""
+        from engine.chat import parse_chat
+
+        mm = self.mm_processor
+        parsed = parse_chat(messages, loader, mm.image_placeholder_text if mm else None)
+        text = self.apply_chat_template(parsed.messages, chat_template, add_generation_prompt)
+        if parsed.images and text.count(mm.image_placeholder_token) < len(parsed.images):
+            # The template ignores image parts: inline the placeholders where the images were.
+            text = self.apply_chat_template(parsed.string_messages, chat_template, add_generation_prompt)
+        # The template already wrote any BOS; do not let the tokenizer add another.
+        prompt: dict[str, Any] = {"prompt": text, "prompt_token_ids": self.tokenizer(text, add_special_tokens=False).input_ids}
+        if parsed.images:
+            prompt["multi_modal_data"] = {"image": parsed.images}
+        return prompt
+
     def process(self, request_id: str, prompt: PromptType, params: SamplingParams) -> tuple[str | None, EngineRequest]:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")

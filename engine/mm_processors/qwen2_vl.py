@@ -13,6 +13,9 @@ from engine.multimodal import MultiModalFeature, hash_item
 
 
 class Qwen2VLProcessor(MultiModalProcessor):
+    image_placeholder_text = "<|vision_start|><|image_pad|><|vision_end|>"
+    image_placeholder_token = "<|image_pad|>"
+
     def __init__(self, config: Any, tokenizer: Any) -> None:
         super().__init__(config, tokenizer)
         hf = config.model.hf_config
