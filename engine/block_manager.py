@@ -85,8 +85,6 @@ class BlockManager:
             if block_id is None:
                 break
             hits.append(block_id)
-        self.num_queried_tokens += req.num_tokens
-        self.num_hit_tokens += len(hits) * self.block_size
         return hits
 
     # -- allocation (check, then act) -----------------------------------------------------------
@@ -101,6 +99,10 @@ class BlockManager:
 
     def allocate(self, req: Request, num_new_tokens: int, computed_blocks: list[int] = ()) -> None:
         """Take ``computed_blocks`` (prefix hits) and enough fresh blocks for ``num_new_tokens``."""
+        if not req.block_ids and self.enable_prefix_caching and not req.wants_prompt_logprobs:
+            # Counted on admission only: a request that waits for blocks is looked up every step.
+            self.num_queried_tokens += req.num_tokens
+            self.num_hit_tokens += len(computed_blocks) * self.block_size
         for block_id in computed_blocks:
             block = self.blocks[block_id]
             if block.ref_cnt == 0:
