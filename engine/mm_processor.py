@@ -19,6 +19,7 @@ from engine.multimodal import MultiModalFeature
 
 _PROCESSORS: dict[str, tuple[str, str]] = {
     "Qwen2VLForConditionalGeneration": ("engine.mm_processors.qwen2_vl", "Qwen2VLProcessor"),
+    "LlavaForConditionalGeneration": ("engine.mm_processors.llava", "LlavaProcessor"),
 }
 
 MODALITIES = ("image", "video")
