@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from engine.config import EngineArgs
-from engine.core_process import start_core_process
+from engine.core_process import recv_msg, send_msg, start_core_process
 from engine.engine_core import EngineStats
 from engine.output_processor import OutputKind, OutputProcessor
 from engine.outputs import RequestOutput
@@ -45,7 +45,7 @@ class AsyncLLM:
         try:
             if not self._conn.poll(start_timeout):
                 raise RuntimeError(f"engine core did not start within {start_timeout:.0f} s")
-            msg = self._conn.recv()
+            msg = recv_msg(self._conn)
         except (EOFError, OSError, RuntimeError) as exc:
             self.shutdown()
             raise RuntimeError(f"engine core failed to start: {exc}") from exc
@@ -132,7 +132,7 @@ class AsyncLLM:
         if self._dead is not None:
             raise EngineDeadError(self._dead)
         with self._send_lock:
-            self._conn.send(msg)
+            send_msg(self._conn, msg)
 
     def _abort_now(self, request_id: str) -> None:
         child_ids = self.output_processor.child_ids(request_id)
@@ -147,7 +147,7 @@ class AsyncLLM:
         """Reader thread: hands every message from the core to the event loop."""
         while True:
             try:
-                msg = self._conn.recv()
+                msg = recv_msg(self._conn)
             except (EOFError, OSError):
                 msg = ("fatal", "engine core process exited")
             loop = self._loop

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import subprocess
 import sys
 import traceback
@@ -26,6 +27,16 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 
+def send_msg(conn: Connection, msg: Any) -> None:
+    """Plain pickle: Connection.send's ForkingPickler would pass tensors as shared-memory handles,
+    which the other process (not a multiprocessing child) cannot open. Copying the bytes is right."""
+    conn.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def recv_msg(conn: Connection) -> Any:
+    return pickle.loads(conn.recv_bytes())
+
+
 def run_engine_core(engine_args: Any, conn: Connection) -> None:
     """Entry point of the core process: build the engine, then step while there is work."""
     from engine.engine_core import EngineCore
@@ -33,16 +44,16 @@ def run_engine_core(engine_args: Any, conn: Connection) -> None:
     try:
         core = EngineCore(engine_args.create_engine_config())
     except Exception as exc:  # report start-up failures (bad model path, OOM) to the parent
-        conn.send(("fatal", f"{type(exc).__name__}: {exc}"))
+        send_msg(conn, ("fatal", f"{type(exc).__name__}: {exc}"))
         return
-    conn.send(("ready", {"num_blocks": core.block_manager.num_usable_blocks}))
+    send_msg(conn, ("ready", {"num_blocks": core.block_manager.num_usable_blocks}))
     try:
         _loop(core, conn)
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         pass  # the parent went away
     except Exception:
         try:
-            conn.send(("fatal", traceback.format_exc()))
+            send_msg(conn, ("fatal", traceback.format_exc()))
         except (BrokenPipeError, OSError):
             pass
 
@@ -54,7 +65,7 @@ def _loop(core: Any, conn: Connection) -> None:
             conn.poll(None)
         changed = False
         while conn.poll(0):
-            msg = conn.recv()
+            msg = recv_msg(conn)
             kind = msg[0]
             if kind == "shutdown":
                 return
@@ -63,13 +74,13 @@ def _loop(core: Any, conn: Connection) -> None:
                 try:
                     core.add_request(msg[1])
                 except ValueError as exc:
-                    conn.send(("error", msg[1].request_id, str(exc)))
+                    send_msg(conn, ("error", msg[1].request_id, str(exc)))
             elif kind == "abort":
                 core.abort_requests(msg[1])
         if core.has_unfinished():
-            conn.send(("outputs", core.step(), core.stats()))
+            send_msg(conn, ("outputs", core.step(), core.stats()))
         elif changed:
-            conn.send(("outputs", [], core.stats()))
+            send_msg(conn, ("outputs", [], core.stats()))
 
 
 def start_core_process(engine_args: Any, timeout: float) -> tuple[subprocess.Popen, Connection]:
@@ -90,7 +101,7 @@ def start_core_process(engine_args: Any, timeout: float) -> tuple[subprocess.Pop
         raise RuntimeError(f"engine core process did not connect (exit code {proc.poll()})") from exc
     finally:
         listener.close()
-    conn.send(engine_args)
+    send_msg(conn, engine_args)
     return proc, conn
 
 
@@ -98,7 +109,7 @@ def _main() -> None:
     logging.basicConfig(level=os.environ.get("VLMSERVE_LOG_LEVEL", "INFO"))
     authkey = bytes.fromhex(os.environ.pop("VLMSERVE_CORE_AUTHKEY"))
     conn = Client(sys.argv[1], family="AF_UNIX", authkey=authkey)
-    run_engine_core(conn.recv(), conn)
+    run_engine_core(recv_msg(conn), conn)
 
 
 if __name__ == "__main__":

@@ -25,27 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.models.layers import activation
+
 __all__ = ["CLIPVisionModel", "resolve_feature_layers"]
-
-
-def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(1.702 * x)
-
-
-def _activation(name: str):
-    acts = {
-        "quick_gelu": _quick_gelu,
-        "gelu": F.gelu,
-        "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-        "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-        "relu": F.relu,
-        "silu": F.silu,
-    }
-    if name in acts:
-        return acts[name]
-    from transformers.activations import ACT2FN
-
-    return ACT2FN[name]
 
 
 def resolve_feature_layers(num_hidden_layers: int, layers: int | Sequence[int]) -> list[int]:
@@ -117,7 +99,7 @@ class CLIPMLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.act = _activation(config.hidden_act)
+        self.act = activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))

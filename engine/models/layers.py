@@ -115,3 +115,24 @@ class PagedAttention(nn.Module):
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+def activation(name: str):
+    """The activation a HF config names (hidden_act), as a function."""
+    acts = {
+        "quick_gelu": _quick_gelu,
+        "gelu": F.gelu,
+        "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+        "relu": F.relu,
+        "silu": F.silu,
+    }
+    if name in acts:
+        return acts[name]
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]

@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.models.clip import CLIPVisionModel, _activation, resolve_feature_layers
+from engine.models.clip import CLIPVisionModel, resolve_feature_layers
+from engine.models.layers import activation
 from engine.models.llama import LlamaForCausalLM, Qwen2ForCausalLM
 from kernels import AttentionBackend, AttentionMetadata
 
@@ -76,7 +77,7 @@ class LlavaMultiModalProjector(nn.Module):
     def __init__(self, in_features: int, hidden: int, act: str, bias: bool) -> None:
         super().__init__()
         self.linear_1 = nn.Linear(in_features, hidden, bias=bias)
-        self.act = _activation(act)
+        self.act = activation(act)
         self.linear_2 = nn.Linear(hidden, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.layers import _apply_rotary, _rope_inv_freq, _rotate_half
+from engine.models.layers import _apply_rotary, _rope_inv_freq, _rotate_half, activation
 from engine.models.llama import _STACKED, LlamaModel
 from kernels import AttentionBackend, AttentionMetadata
 
@@ -44,24 +44,6 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 # Vision tower
 # ---------------------------------------------------------------------------------------------
-
-
-def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(1.702 * x)
-
-
-def _activation(name: str):
-    acts = {
-        "quick_gelu": _quick_gelu,
-        "gelu": F.gelu,
-        "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-        "silu": F.silu,
-    }
-    if name in acts:
-        return acts[name]
-    from transformers.activations import ACT2FN
-
-    return ACT2FN[name]
 
 
 def _vision_position_ids(grid_thw: list[list[int]], merge: int, device: torch.device) -> torch.Tensor:
@@ -136,7 +118,7 @@ class VisionMLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
-        self.act = _activation(act)
+        self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -411,7 +393,6 @@ def _lm_config(text_config: Any) -> Any:
         rope_parameters={"rope_type": "default", "rope_theta": float(params.get("rope_theta", 10000.0))},
         partial_rotary_factor=1.0,
     )
-    return cfg
 
 
 class Qwen2VLForConditionalGeneration(nn.Module):
