@@ -142,9 +142,13 @@ class OutputProcessor:
 
     def _apply(self, seq: _SeqState, out: EngineCoreOutput) -> None:
         params = seq.params
+        # A token-level stop (EOS, stop_token_ids) keeps its id but not its text, as in vLLM.
+        stopped_on_token = out.finish_reason == "stop" and not isinstance(out.stop_reason, str)
+        hide_last = stopped_on_token and not params.include_stop_str_in_output
         for i, token in enumerate(out.new_token_ids):
             seq.token_ids.append(token)
-            seq.detok.add(token)
+            if not (hide_last and i == len(out.new_token_ids) - 1):
+                seq.detok.add(token)
             if out.new_logprobs is not None and seq.logprobs is not None:
                 entry = self._decode_lp(out.new_logprobs[i])
                 seq.logprobs.append(entry)
@@ -156,6 +160,8 @@ class OutputProcessor:
             seq.finish_reason, seq.stop_reason = out.finish_reason, out.stop_reason
 
     def _check_stop_strings(self, seq: _SeqState) -> None:
+        if len(seq.token_ids) < seq.params.min_tokens:
+            return  # stop strings count only once min_tokens are out, as in vLLM
         text = seq.detok.text
         # Only the tail can hold a new match: the text added this step plus the longest stop - 1.
         window = max(len(s) for s in seq.params.stop) + len(text) - seq.sent_text

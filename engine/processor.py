@@ -33,10 +33,11 @@ class InputProcessor:
         self.tokenizer = tokenizer
         self.max_model_len = config.scheduler.max_model_len
         self.vocab_size = config.model.hf_config.get_text_config().vocab_size
-        eos = set(config.model.eos_token_ids)
-        if getattr(tokenizer, "eos_token_id", None) is not None:
-            eos.add(tokenizer.eos_token_id)
-        self.eos_token_ids = tuple(sorted(eos))
+        config_eos = config.model.eos_token_ids
+        self.eos_token_id = getattr(tokenizer, "eos_token_id", None)
+        if self.eos_token_id is None and config_eos:
+            self.eos_token_id = config_eos[0]
+        self.extra_eos_ids = tuple(t for t in config_eos if t != self.eos_token_id)
         self.mm_processor = get_mm_processor(config, tokenizer)
 
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -105,10 +106,9 @@ class InputProcessor:
                 f"prompt: {len(ids)} tokens is too long; max_model_len is {self.max_model_len} "
                 "and at least one token must be generated"
             )
-        params = params.with_eos(self.eos_token_ids)
         if params.max_tokens is None:
             params = replace(params, max_tokens=self.max_model_len - len(ids))
-            params = params.with_eos(self.eos_token_ids)
+        params = params.with_eos(self.eos_token_id, self.extra_eos_ids)
         return text, EngineRequest(
             request_id=request_id,
             prompt_token_ids=ids,

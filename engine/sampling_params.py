@@ -69,11 +69,16 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < 1e-5
 
-    def with_eos(self, eos_token_ids: tuple[int, ...]) -> "SamplingParams":
-        """A copy that also stops on the model's EOS ids (unless ``ignore_eos``)."""
+    def with_eos(self, eos_token_id: int | None, extra_eos_ids: tuple[int, ...] = ()) -> "SamplingParams":
+        """A copy that also stops on the model's EOS ids (unless ``ignore_eos``).
+
+        As in vLLM, the tokenizer's EOS is the EOS (stop_reason None); further EOS ids from
+        generation_config join ``stop_token_ids`` (so stop_reason names the id)."""
         params = replace(self)
         if not self.ignore_eos:
-            params._all_stop_token_ids = set(self.stop_token_ids) | set(eos_token_ids)
+            extra = [t for t in extra_eos_ids if t != eos_token_id and t not in params.stop_token_ids]
+            params.stop_token_ids = params.stop_token_ids + extra
+            params._all_stop_token_ids = set(params.stop_token_ids) | ({eos_token_id} if eos_token_id is not None else set())
         return params
 
     def for_child(self, index: int) -> "SamplingParams":

@@ -417,7 +417,7 @@ def test_abort_preempted_request():
 def test_stop_on_eos_token():
     eos = 2
     sched = make_sched()
-    params = SamplingParams(max_tokens=10).with_eos((eos,))
+    params = SamplingParams(max_tokens=10).with_eos(eos)
     r = make_req("a", 5, params=params)
     sched.add_request(r)
     tokens = iter([50, 51, eos, 52])
@@ -443,8 +443,8 @@ def test_stop_on_stop_token_id():
 def test_ignore_eos_and_min_tokens():
     eos = 2
     sched = make_sched()
-    r1 = make_req("ign", 3, params=SamplingParams(max_tokens=4, ignore_eos=True).with_eos((eos,)))
-    r2 = make_req("min", 3, params=SamplingParams(max_tokens=6, min_tokens=3).with_eos((eos,)))
+    r1 = make_req("ign", 3, params=SamplingParams(max_tokens=4, ignore_eos=True).with_eos(eos))
+    r2 = make_req("min", 3, params=SamplingParams(max_tokens=6, min_tokens=3).with_eos(eos))
     sched.add_request(r1)
     sched.add_request(r2)
     run_to_completion(sched, token=lambda req: eos)
