@@ -13,12 +13,14 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from engine.multimodal import MultiModalFeature
 
 _PROCESSORS: dict[str, tuple[str, str]] = {
     "Qwen2VLForConditionalGeneration": ("engine.mm_processors.qwen2_vl", "Qwen2VLProcessor"),
+    "Qwen2_5_VLForConditionalGeneration": ("engine.mm_processors.qwen2_vl", "Qwen2VLProcessor"),
     "LlavaForConditionalGeneration": ("engine.mm_processors.llava", "LlavaProcessor"),
 }
 
@@ -45,11 +47,19 @@ def _is_pil(obj: Any) -> bool:
     return hasattr(obj, "mode") and hasattr(obj, "size") and hasattr(obj, "convert")
 
 
+def _is_frame(obj: Any) -> bool:
+    """A video frame: a PIL image or an (H, W, C) array."""
+    return _is_pil(obj) or (isinstance(obj, np.ndarray) and obj.ndim == 3)
+
+
 class MultiModalProcessor(ABC):
     # What a chat message carries in place of an image when its template renders no placeholder,
     # and the token text that marks one image in a rendered prompt.
     image_placeholder_text: str = ""
     image_placeholder_token: str = ""
+    # The same for one video; empty for models that take no video.
+    video_placeholder_text: str = ""
+    video_placeholder_token: str = ""
 
     def __init__(self, config: Any, tokenizer: Any) -> None:
         self.config = config
@@ -66,16 +76,21 @@ class MultiModalProcessor(ABC):
                 raise ValueError(f"multi_modal_data: unknown modality {modality!r}; use 'image' or 'video'")
             if modality == "image" and isinstance(value, torch.Tensor) and value.dim() == 3:
                 value = list(value)  # (num_images, feature_size, hidden): precomputed embeddings
-            elif modality == "video" and isinstance(value, list) and value and _is_pil(value[0]):
+            elif modality == "video" and isinstance(value, list) and value and _is_frame(value[0]):
                 value = [value]  # one video given as its list of frames
             elif not isinstance(value, list):
                 value = [value]
+            value = self.split_items(modality, value)
             limit = self.limits.get(modality, 999)
             if len(value) > limit:
                 raise ValueError(
                     f"multi_modal_data: {len(value)} {modality} items exceed limit_mm_per_prompt[{modality!r}]={limit}"
                 )
             items[modality] = value
+        return items
+
+    def split_items(self, modality: str, items: list[Any]) -> list[Any]:
+        """Items that stand for several (e.g. one embeddings dict covering n images) -> one per item."""
         return items
 
     @abstractmethod

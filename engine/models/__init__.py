@@ -8,6 +8,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "LlamaForCausalLM": ("engine.models.llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("engine.models.llama", "Qwen2ForCausalLM"),
     "Qwen2VLForConditionalGeneration": ("engine.models.qwen2_vl", "Qwen2VLForConditionalGeneration"),
+    "Qwen2_5_VLForConditionalGeneration": ("engine.models.qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
     "LlavaForConditionalGeneration": ("engine.models.llava", "LlavaForConditionalGeneration"),
 }
 

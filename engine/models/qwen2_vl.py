@@ -405,6 +405,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
 
     uses_mrope = True
     supported_modalities = ("image", "video")
+    vision_tower_cls: type = Qwen2VisionTransformer  # Qwen2.5-VL swaps in its own tower
 
     def __init__(self, hf_config: Any, attn_backend: AttentionBackend) -> None:
         super().__init__()
@@ -416,7 +417,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         self.video_token_id = int(hf_config.video_token_id)
         self.spatial_merge_size = int(vision.spatial_merge_size)
 
-        self.visual = Qwen2VisionTransformer(vision)
+        self.visual = self.vision_tower_cls(vision)
         lm_cfg = _lm_config(text)
         self.model = LlamaModel(lm_cfg, attn_backend, qkv_bias=True, o_bias=False)
         head_dim = lm_cfg.head_dim
@@ -518,3 +519,4 @@ class Qwen2VLForConditionalGeneration(nn.Module):
             params[name].data.copy_(tensor)
             loaded.add(name)
         return loaded
+
