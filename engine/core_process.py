@@ -92,7 +92,11 @@ def start_core_process(engine_args: Any, timeout: float) -> tuple[subprocess.Pop
     # The child must import this very tree, whether or not the package is installed.
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    proc = subprocess.Popen([sys.executable, "-m", "engine.core_process", listener.address], env=env)
+    # A session of its own: Ctrl-C or a signal to the server's process group must not kill the core
+    # under in-flight requests; the parent shuts it down, and it exits on EOF if the parent dies.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine.core_process", listener.address], env=env, start_new_session=True
+    )
     listener._listener._socket.settimeout(timeout)  # accept() must not hang if the child dies early
     try:
         conn = listener.accept()

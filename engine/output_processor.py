@@ -68,6 +68,7 @@ class _SeqState:
     stop_reason: int | str | None = None
     sent_text: int = 0  # chars already delivered (DELTA)
     sent_tokens: int = 0
+    finish_sent: bool = False  # DELTA: the finish_reason went out once; later updates skip this seq
 
 
 @dataclass
@@ -191,6 +192,9 @@ class OutputProcessor:
         for seq in sorted(state.seqs.values(), key=lambda s: s.index):
             text, ids, lps = seq.detok.text, seq.token_ids, seq.logprobs
             if delta:
+                if seq.finish_sent:
+                    continue
+                seq.finish_sent = seq.finish_reason is not None
                 text, ids = text[seq.sent_text :], ids[seq.sent_tokens :]
                 lps = lps[seq.sent_tokens :] if lps is not None else None
                 seq.sent_text, seq.sent_tokens = len(seq.detok.text), len(seq.token_ids)

@@ -145,3 +145,29 @@ def test_dead_core_fails_requests(tiny_llama):
         assert not eng.is_running
     finally:
         eng.shutdown()
+
+
+def test_delta_outputs_send_each_finish_once(engine):
+    """n=2 where sample 0 finishes a step before sample 1: its finish goes out exactly once."""
+    from engine.engine_core import EngineCoreOutput
+    from engine.output_processor import OutputProcessor
+
+    op = OutputProcessor(engine.tokenizer)
+    params = SamplingParams(max_tokens=5)
+    op.add_request("r", "p", [1, 2], {"0_r": params, "1_r": params}, OutputKind.DELTA)
+    steps = [
+        [EngineCoreOutput("0_r", [5]), EngineCoreOutput("1_r", [6])],
+        [EngineCoreOutput("0_r", [7], finish_reason="length"), EngineCoreOutput("1_r", [8])],
+        [EngineCoreOutput("1_r", [9])],
+        [EngineCoreOutput("1_r", [10], finish_reason="length")],
+    ]
+    finishes = {0: 0, 1: 0}
+    finished_flags = []
+    for step in steps:
+        ready, _ = op.process(step)
+        for out in ready:
+            finished_flags.append(out.finished)
+            for c in out.outputs:
+                finishes[c.index] += c.finish_reason is not None
+    assert finishes == {0: 1, 1: 1}
+    assert finished_flags == [False, False, False, True]
