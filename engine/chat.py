@@ -1,10 +1,14 @@
-"""OpenAI-style chat messages -> a templated prompt plus the images it refers to.
+"""OpenAI-style chat messages -> a templated prompt plus the images and videos it refers to.
 
 Content may be a string or a list of parts: ``{"type": "text", "text"}``,
 ``{"type": "image_url", "image_url": {"url"}}`` (or a bare ``{"type": "image", "image": PIL}``
-offline), in any order. Parts become ``{"type": "image"}`` / ``{"type": "text"}`` entries for the
-chat template; when a template ignores image parts (it renders no placeholder), the model's
-placeholder text is written in at each image's place instead, as vLLM does.
+offline), and, offline, ``{"type": "video", "video": frames}`` where ``frames`` is a list of PIL
+images (or a ``(T, H, W, 3)`` uint8 array), in any order. Parts become ``{"type": "image"}`` /
+``{"type": "video"}`` / ``{"type": "text"}`` entries for the chat template; when a template
+ignores media parts (it renders no placeholder), the model's placeholder text is written in at
+each item's place instead, as vLLM does.
+
+``{"type": "video_url"}`` parts are refused (ValueError): there is no video decoder yet.
 """
 
 from __future__ import annotations
@@ -20,12 +24,20 @@ class ParsedChat:
     messages: list[dict[str, Any]]  # template-ready
     images: list[Any] = field(default_factory=list)  # PIL images, in order of appearance
     string_messages: list[dict[str, Any]] = field(default_factory=list)  # placeholders inlined
+    videos: list[Any] = field(default_factory=list)  # frame lists / arrays, in order of appearance
 
 
-def parse_chat(messages: list[dict[str, Any]], loader: MediaLoader, placeholder: str | None) -> ParsedChat:
+def parse_chat(
+    messages: list[dict[str, Any]],
+    loader: MediaLoader,
+    placeholder: str | None,
+    video_placeholder: str | None = None,
+) -> ParsedChat:
+    """``placeholder`` / ``video_placeholder``: the model's text for one image / video, or None
+    when it takes no images / videos (such parts then raise ValueError)."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages: must be a non-empty list")
-    out, flat, images = [], [], []
+    out, flat, images, videos = [], [], [], []
     for m_index, msg in enumerate(messages):
         if not isinstance(msg, dict) or "role" not in msg:
             raise ValueError(f"messages[{m_index}]: must be an object with a 'role'")
@@ -51,11 +63,25 @@ def parse_chat(messages: list[dict[str, Any]], loader: MediaLoader, placeholder:
                 if placeholder is None:
                     raise ValueError(f"{where}: this model takes text only")
                 texts.append(placeholder)
+            elif kind == "video_url":
+                raise ValueError(
+                    f"{where}: video URLs are not supported yet; pass the decoded frames offline as "
+                    "{'type': 'video', 'video': [PIL images]}"
+                )
+            elif kind == "video":
+                if video_placeholder is None:
+                    raise ValueError(f"{where}: this model does not take video input")
+                videos.append(_video_of(part, where))
+                parts.append({"type": "video"})
+                texts.append(video_placeholder)
             else:
                 raise ValueError(f"{where}.type: unsupported content part type {kind!r}")
-        out.append(dict(msg, content=parts))
-        flat.append(dict(msg, content="\n".join(texts) if len(texts) > 1 else "".join(texts)))
-    return ParsedChat(out, images, flat)
+        joined = "\n".join(texts) if len(texts) > 1 else "".join(texts)
+        # Text-only part lists become one string (as vLLM does): many templates expect strings.
+        media = any(p["type"] != "text" for p in parts)
+        out.append(dict(msg, content=parts if media else joined))
+        flat.append(dict(msg, content=joined))
+    return ParsedChat(out, images, flat, videos)
 
 
 def _image_of(part: dict[str, Any], kind: str, where: str, loader: MediaLoader) -> Any:
@@ -70,3 +96,18 @@ def _image_of(part: dict[str, Any], kind: str, where: str, loader: MediaLoader) 
     if not isinstance(ref, dict) or "url" not in ref:
         raise ValueError(f"{where}.image_url: must be an object with a 'url'")
     return loader.load_image(ref["url"], what=f"{where}.image_url")
+
+
+def _video_of(part: dict[str, Any], where: str) -> Any:
+    """The frames of an offline ``{"type": "video", "video": frames}`` part (checked in depth by
+    the model's processor)."""
+    import numpy as np
+
+    video = part.get("video")
+    if isinstance(video, tuple):
+        video = list(video)
+    if isinstance(video, list) and video and all(hasattr(f, "convert") or isinstance(f, np.ndarray) for f in video):
+        return video
+    if isinstance(video, np.ndarray) and video.ndim == 4:
+        return video
+    raise ValueError(f"{where}.video: expected a non-empty list of PIL images (frames) or a (T, H, W, 3) uint8 array")

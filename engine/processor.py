@@ -82,15 +82,23 @@ class InputProcessor:
         from engine.chat import parse_chat
 
         mm = self.mm_processor
-        parsed = parse_chat(messages, loader, mm.image_placeholder_text if mm else None)
+        parsed = parse_chat(messages, loader, mm.image_placeholder_text if mm else None,
+                            (mm.video_placeholder_text or None) if mm else None)
         text = self.apply_chat_template(parsed.messages, chat_template, add_generation_prompt)
-        if parsed.images and text.count(mm.image_placeholder_token) < len(parsed.images):
-            # The template ignores image parts: inline the placeholders where the images were.
+        if (parsed.images and text.count(mm.image_placeholder_token) < len(parsed.images)) or (
+            parsed.videos and text.count(mm.video_placeholder_token) < len(parsed.videos)
+        ):
+            # The template ignores media parts: inline the placeholders where the items were.
             text = self.apply_chat_template(parsed.string_messages, chat_template, add_generation_prompt)
         # The template already wrote any BOS; do not let the tokenizer add another.
         prompt: dict[str, Any] = {"prompt": text, "prompt_token_ids": self.tokenizer(text, add_special_tokens=False).input_ids}
+        mm_data: dict[str, Any] = {}
         if parsed.images:
-            prompt["multi_modal_data"] = {"image": parsed.images}
+            mm_data["image"] = parsed.images
+        if parsed.videos:
+            mm_data["video"] = parsed.videos  # a list of videos, each a list of frames (or an array)
+        if mm_data:
+            prompt["multi_modal_data"] = mm_data
         return prompt
 
     def process(self, request_id: str, prompt: PromptType, params: SamplingParams) -> tuple[str | None, EngineRequest]:

@@ -515,3 +515,12 @@ def test_chat_llama_template_single_bos(tiny_llama):
     text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
     assert ids == tok(text, add_special_tokens=False).input_ids
     assert_equal_hf(tiny_llama, outs)
+
+
+def test_chat_text_parts_equal_string_content(tiny_qwen2):
+    llm = LLM(str(tiny_qwen2), dtype="float32", device="cpu", max_model_len=256)
+    params = SamplingParams(temperature=0, max_tokens=8)
+    as_string = llm.chat([{"role": "user", "content": "Hello there"}], params, use_tqdm=False)[0]
+    as_parts = llm.chat([{"role": "user", "content": [{"type": "text", "text": "Hello there"}]}], params, use_tqdm=False)[0]
+    assert as_parts.prompt_token_ids == as_string.prompt_token_ids
+    assert as_parts.outputs[0].token_ids == as_string.outputs[0].token_ids
