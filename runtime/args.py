@@ -1,0 +1,216 @@
+"""Engine and front-end flags shared by ``python -m runtime`` and ``vlmserve serve``.
+
+The flags are vLLM's (dashed, e.g. ``--max-model-len``); ``normalize_argv`` also accepts the
+underscore spelling (``--max_model_len``) that KServe-style container args tend to use.
+
+* ``add_engine_args(parser)`` adds the flags; ``engine_args_from(ns)`` maps them onto
+  ``engine.EngineArgs`` (the model comes from ``ns.model``).
+* ``frontend_args_from(ns)`` gathers what the API server itself needs (served names, chat
+  template, API key, task) into ``FrontendArgs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.config import EngineArgs
+
+API_KEY_ENV = "VLMSERVE_API_KEY"
+DTYPE_CHOICES = ["auto", "float32", "float", "fp32", "float16", "half", "fp16", "bfloat16", "bf16"]
+TASK_CHOICES = ["generate", "embedding"]
+MODALITIES = ("image", "video")
+
+# EngineArgs fields set from flags of the same name (dest == field name).
+_ENGINE_FIELDS = (
+    "tokenizer", "revision", "dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+    "enable_chunked_prefill", "block_size", "enable_prefix_caching", "gpu_memory_utilization",
+    "cpu_kv_cache_space", "num_gpu_blocks_override", "seed", "trust_remote_code", "attention_backend",
+    "allowed_local_media_path",
+)
+
+
+def parse_limit_mm_per_prompt(value: str) -> dict[str, int]:
+    """``image=2,video=1`` or JSON ``{"image": 2}`` -> ``{"image": 2, "video": 1}`` (validated)."""
+    text = value.strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        try:
+            raw: Any = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise argparse.ArgumentTypeError("the JSON form must be an object such as {\"image\": 2}")
+        items = list(raw.items())
+    else:
+        items = []
+        for part in text.split(","):
+            key, sep, num = part.partition("=")
+            if not sep:
+                raise argparse.ArgumentTypeError(f"{part.strip()!r} is not MODALITY=COUNT (e.g. image=2,video=1)")
+            items.append((key.strip(), num.strip()))
+    limits: dict[str, int] = {}
+    for key, num in items:
+        if key not in MODALITIES:
+            raise argparse.ArgumentTypeError(f"unknown modality {key!r}; expected one of {', '.join(MODALITIES)}")
+        if key in limits:
+            raise argparse.ArgumentTypeError(f"modality {key!r} is given twice")
+        if isinstance(num, int) and not isinstance(num, bool) and num >= 0:
+            limits[key] = num
+        elif isinstance(num, str) and num.isdigit():
+            limits[key] = int(num)
+        else:
+            raise argparse.ArgumentTypeError(f"{key}: the count must be a non-negative integer, got {num!r}")
+    return limits
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from exc
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {n}")
+    return n
+
+
+def _fraction(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from exc
+    if not 0.0 < x <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {x}")
+    return x
+
+
+def _domain_list(value: str) -> list[str]:
+    return [d.strip() for d in value.split(",") if d.strip()]
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add vLLM-style engine and front-end flags to ``parser`` (defaults match EngineArgs)."""
+    d = EngineArgs(model="")
+    g = parser.add_argument_group("engine")
+    g.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: the model's)")
+    g.add_argument("--revision", default=None, help="hub revision of the model")
+    g.add_argument("--dtype", default=d.dtype, choices=DTYPE_CHOICES,
+                   help="weights/activations dtype; auto: the checkpoint's where the device supports it")
+    g.add_argument("--device", default=d.device, help="auto | cpu | cuda[:i] | mlu[:i]")
+    g.add_argument("--max-model-len", type=_positive_int, default=None, metavar="N",
+                   help="context length (prompt + output); default: the model's")
+    g.add_argument("--max-num-seqs", type=_positive_int, default=d.max_num_seqs, metavar="N",
+                   help="most sequences scheduled in one step")
+    g.add_argument("--max-num-batched-tokens", type=_positive_int, default=None, metavar="N",
+                   help="token budget of one step")
+    g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
+                   default=d.enable_chunked_prefill, help="split long prefills across steps")
+    g.add_argument("--block-size", type=_positive_int, default=d.block_size, metavar="N",
+                   help="tokens per KV-cache block (a power of two)")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=d.enable_prefix_caching, help="reuse KV blocks of shared prompt prefixes")
+    g.add_argument("--gpu-memory-utilization", type=_fraction, default=d.gpu_memory_utilization, metavar="F",
+                   help="fraction of device memory the engine may use")
+    g.add_argument("--cpu-kv-cache-space", type=float, default=d.cpu_kv_cache_space, metavar="GIB",
+                   help="GiB of KV cache when running on CPU")
+    g.add_argument("--num-gpu-blocks-override", type=_positive_int, default=None, metavar="N",
+                   help="fixed number of KV blocks (testing)")
+    g.add_argument("--attention-backend", default=None, help="attention backend (default: the device's)")
+    g.add_argument("--seed", type=int, default=d.seed, help="random seed")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow custom code from the model folder")
+    g.add_argument("--task", default="generate", choices=TASK_CHOICES,
+                   help="what the model serves (embedding is accepted and stored; not served yet)")
+    g.add_argument("--limit-mm-per-prompt", type=parse_limit_mm_per_prompt, default=None, metavar="SPEC",
+                   help="most multimodal items per prompt: image=2,video=1 or JSON '{\"image\": 2}'")
+    g.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                   help="folder from which file:// media may be read (default: none)")
+    g.add_argument("--allowed-media-domains", type=_domain_list, nargs="+", default=None, metavar="DOMAIN",
+                   help="domains media URLs may come from (default: any)")
+
+    f = parser.add_argument_group("front end")
+    f.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="name(s) the model answers to in the API; the first is the primary one")
+    f.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="Jinja chat template file (or inline template) used instead of the model's")
+    f.add_argument("--api-key", default=None, metavar="KEY",
+                   help=f"require 'Authorization: Bearer KEY' on API routes (default: ${API_KEY_ENV} if set)")
+    return parser
+
+
+def normalize_argv(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """Rewrite ``--foo_bar[=v]`` to ``--foo-bar[=v]`` where only the dashed spelling is a flag of
+    ``parser`` (KServe's own ``--model_name`` style flags are left alone)."""
+    known = set(parser._option_string_actions)
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and "_" in arg:
+            name, sep, value = arg.partition("=")
+            dashed = name.replace("_", "-")
+            if name not in known and dashed in known:
+                arg = dashed + sep + value
+        out.append(arg)
+    return out
+
+
+def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    """``EngineArgs`` for ``ns.model`` from parsed flags (see ``add_engine_args``)."""
+    kwargs = {name: getattr(ns, name) for name in _ENGINE_FIELDS if hasattr(ns, name)}
+    names = getattr(ns, "served_model_name", None)
+    media_path = getattr(ns, "allowed_local_media_path", None)
+    if media_path is not None and not Path(media_path).is_dir():
+        raise ValueError(f"--allowed-local-media-path: {media_path} is not a folder")
+    args = EngineArgs(
+        model=str(ns.model),
+        served_model_name=names[0] if names else None,
+        limit_mm_per_prompt=dict(getattr(ns, "limit_mm_per_prompt", None) or {}),
+        allowed_media_domains=_flat_domains(getattr(ns, "allowed_media_domains", None)),
+        extra={"task": getattr(ns, "task", "generate")},
+        **kwargs,
+    )
+    args.validate()
+    return args
+
+
+def _flat_domains(groups: list[Any] | None) -> list[str] | None:
+    if groups is None:
+        return None
+    return [d for group in groups for d in (group if isinstance(group, list) else [group])]
+
+
+@dataclass
+class FrontendArgs:
+    """What the API server needs beyond the engine (media limits and allow-lists are engine args:
+    the engine's processor loads and checks media)."""
+
+    served_model_names: list[str] = field(default_factory=list)
+    chat_template: str | None = None  # the template text (read from --chat-template FILE)
+    api_key: str | None = None
+    task: str = "generate"
+
+
+def load_chat_template(value: str | None) -> str | None:
+    """The template text of ``--chat-template``: a file's content, or the value itself when it is
+    an inline Jinja template. Raises ValueError for a missing file."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if "{{" in value or "{%" in value:
+        return value
+    raise ValueError(f"--chat-template: {value} is not a file (nor an inline Jinja template)")
+
+
+def frontend_args_from(ns: argparse.Namespace) -> FrontendArgs:
+    """``FrontendArgs`` from parsed flags; the API key falls back to ``$VLMSERVE_API_KEY``."""
+    return FrontendArgs(
+        served_model_names=list(getattr(ns, "served_model_name", None) or []),
+        chat_template=load_chat_template(getattr(ns, "chat_template", None)),
+        api_key=getattr(ns, "api_key", None) or os.environ.get(API_KEY_ENV) or None,
+        task=getattr(ns, "task", "generate"),
+    )

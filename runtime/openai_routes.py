@@ -1,0 +1,201 @@
+"""OpenAI-compatible HTTP routes (the transport layer) on KServe's FastAPI app.
+
+``register_openai_routes(app, dataplane)`` mounts, under ``/v1`` and ``/openai/v1``:
+``POST chat/completions``, ``POST completions``, ``GET models``, ``GET models/{id}``.
+
+This layer only parses JSON into the protocol models, calls the ``OpenAIDataPlane``, and writes
+JSON or server-sent events. Errors are answered in OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}``. A client that goes away cancels its request:
+streams close their engine iterators (which aborts the engine request) and non-streaming
+handlers are cancelled when the connection drops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
+
+from runtime.openai_dataplane import OpenAIDataPlane, OpenAIError, bad_request
+from runtime.openai_protocol import ChatCompletionRequest, CompletionRequest
+
+logger = logging.getLogger("vlmserve.openai")
+
+OPENAI_PREFIXES = ("/v1", "/openai/v1")
+_Req = TypeVar("_Req", bound=BaseModel)
+
+
+def json_response(body: BaseModel, status: int = 200) -> Response:
+    return Response(content=body.model_dump_json(), status_code=status, media_type="application/json")
+
+
+def error_response(err: OpenAIError) -> Response:
+    return json_response(err.response(), err.status)
+
+
+def _internal_error(exc: BaseException) -> OpenAIError:
+    logger.exception("request failed", exc_info=exc)
+    return OpenAIError(500, f"internal error: {type(exc).__name__}: {exc}", type="internal_server_error",
+                       code="internal_error")
+
+
+async def parse_request(request: Request, cls: type[_Req]) -> _Req:
+    """The JSON body as ``cls``; malformed JSON or invalid fields -> 400 naming the problem."""
+    body = await request.body()
+    try:
+        data: Any = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad_request(f"The request body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(data, dict):
+        raise bad_request("The request body must be a JSON object", code="invalid_json")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for e in exc.errors()[:5]:
+            loc = ".".join(str(p) for p in e["loc"]) or "body"
+            problems.append(f"{loc}: {e['msg']}")
+        first = exc.errors()[0]["loc"] if exc.errors() else ()
+        raise bad_request("; ".join(problems), str(first[0]) if first else None) from exc
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def run_until_disconnect(request: Request, work: Awaitable[Response]) -> Response:
+    """Run ``work``, cancelling it if the client disconnects first (its engine request is then
+    aborted by the cancellation)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    logger.info("client disconnected; request cancelled")
+    return Response(status_code=499)
+
+
+class EngineStreamingResponse(StreamingResponse):
+    """A StreamingResponse that always closes its body iterator (so a disconnect or a shutdown
+    aborts the engine request at once instead of whenever the generator is collected)."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+async def sse_events(first: BaseModel | None, chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
+    """Server-sent events: one ``data: {json}`` per chunk, then ``data: [DONE]``. An error after
+    the stream started is sent as an ``{"error": ...}`` event before ``[DONE]``."""
+    async with aclosing(chunks) as it:
+        try:
+            if first is not None:
+                yield f"data: {first.model_dump_json()}\n\n"
+            async for chunk in it:
+                yield f"data: {chunk.model_dump_json()}\n\n"
+        except OpenAIError as err:
+            yield f"data: {err.response().model_dump_json()}\n\n"
+        except Exception as exc:  # noqa: BLE001
+            yield f"data: {_internal_error(exc).response().model_dump_json()}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+async def _respond(result: BaseModel | AsyncIterator[BaseModel]) -> Response:
+    """JSON for a response; SSE for a stream, whose first chunk is awaited here so that errors
+    found when the engine takes the request are still answered with their 4xx status."""
+    if isinstance(result, BaseModel):
+        return json_response(result)
+    try:
+        first = await result.__anext__()
+    except StopAsyncIteration:
+        first = None
+    except BaseException:
+        await result.aclose()
+        raise
+    return EngineStreamingResponse(sse_events(first, result), media_type="text/event-stream",
+                                   headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _handle(request: Request, call: Callable[[], Awaitable[Response]]) -> Response:
+    # Read the body first: the disconnect watcher must not consume the body's ASGI messages.
+    try:
+        await request.body()
+    except ClientDisconnect:
+        return Response(status_code=499)
+
+    async def guarded() -> Response:
+        try:
+            return await call()
+        except OpenAIError as err:
+            return error_response(err)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            return error_response(_internal_error(exc))
+
+    return await run_until_disconnect(request, guarded())
+
+
+def build_openai_router(dataplane: OpenAIDataPlane) -> APIRouter:
+    router = APIRouter()
+
+    async def chat_completions(request: Request) -> Response:
+        async def call() -> Response:
+            req = await parse_request(request, ChatCompletionRequest)
+            return await _respond(await dataplane.create_chat_completion(req))
+
+        return await _handle(request, call)
+
+    async def completions(request: Request) -> Response:
+        async def call() -> Response:
+            req = await parse_request(request, CompletionRequest)
+            return await _respond(await dataplane.create_completion(req))
+
+        return await _handle(request, call)
+
+    async def list_models() -> Response:
+        return json_response(dataplane.list_models())
+
+    async def get_model(model_id: str) -> Response:
+        try:
+            return json_response(dataplane.model_card(model_id))
+        except OpenAIError as err:
+            return error_response(err)
+
+    router.add_api_route("/chat/completions", chat_completions, methods=["POST"])
+    router.add_api_route("/completions", completions, methods=["POST"])
+    router.add_api_route("/models", list_models, methods=["GET"])
+    router.add_api_route("/models/{model_id:path}", get_model, methods=["GET"])
+    return router
+
+
+def register_openai_routes(app: FastAPI, dataplane: OpenAIDataPlane,
+                           prefixes: tuple[str, ...] = OPENAI_PREFIXES) -> None:
+    """Mount the OpenAI routes under each prefix. Call before KServe registers its own routes, so
+    that ``GET /v1/models[/{id}]`` answers OpenAI's shape rather than KServe v1's."""
+    router = build_openai_router(dataplane)
+    for prefix in prefixes:
+        app.include_router(router, prefix=prefix)

@@ -1,0 +1,81 @@
+"""Entry points of the server, for both command lines.
+
+* ``vlmserve serve [MODEL] --host H --port 8000 --grpc-port 8081 [engine flags]`` — the lead's
+  CLI calls ``add_serve_args(parser)`` on its ``serve`` sub-parser and ``run_serve(ns)``.
+* ``python -m runtime --model_name=NAME --model_dir=/mnt/models [--http_port 8080] ...`` — the
+  KServe ServingRuntime form (``runtime.__main__``), which calls ``launch`` with KServe's flags.
+
+Both validate the flags and the model folder before binding any port (exit code 2 on a bad
+flag or model), then run ``runtime.server.serve`` (0 after SIGTERM/SIGINT, 1 on a fatal error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from runtime.args import add_engine_args, engine_args_from, frontend_args_from
+
+logger = logging.getLogger("vlmserve.serve")
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of ``vlmserve serve``: MODEL, where to listen, and the engine/front-end flags."""
+    parser.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                        help="a local model folder or a Hugging Face hub id (default: the demo model)")
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    parser.add_argument("--grpc-port", type=int, default=8081, help="gRPC (KServe v2) port (default: 8081)")
+    parser.add_argument("--disable-grpc", action="store_true", help="do not start the gRPC server")
+    parser.add_argument("--graceful-shutdown-timeout", type=int, default=30, metavar="S",
+                        help="on SIGTERM, seconds in-flight requests may take to finish (default: 30)")
+    add_engine_args(parser)
+    return parser
+
+
+def launch(ns: argparse.Namespace, model_name: str, config) -> int:
+    """Validate, build the model and serve it. ``ns.model`` is the model folder or hub id."""
+    from runtime.server import build_model, check_engine_args, serve
+
+    try:
+        engine_args = engine_args_from(ns)
+        frontend = frontend_args_from(ns)
+        check_engine_args(engine_args)
+    except (ValueError, OSError) as exc:
+        print(f"vlmserve: error: {exc}", file=sys.stderr)
+        return 2
+    config.api_key = frontend.api_key
+    if frontend.task != "generate":
+        logger.warning("--task %s is accepted but not served yet; only the generate routes exist", frontend.task)
+    return serve(build_model(model_name, engine_args, frontend), config)
+
+
+def run_serve(ns: argparse.Namespace) -> int:
+    """Run ``vlmserve serve`` from flags parsed with ``add_serve_args``; returns the exit code."""
+    from runtime.server import ServerConfig
+
+    if ns.model is None:
+        from runtime.demo_model import default_demo_dir, ensure_demo_model
+
+        print(f"vlmserve: serving the demo model (random weights, meaningless output) at {default_demo_dir()}",
+              file=sys.stderr)
+        ns.model = str(ensure_demo_model())
+    names = ns.served_model_name or [ns.model]
+    ns.served_model_name = names
+    config = ServerConfig(host=ns.host, http_port=ns.port, grpc_port=ns.grpc_port, enable_grpc=not ns.disable_grpc,
+                          grace_period=ns.graceful_shutdown_timeout)
+    return launch(ns, names[0], config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m runtime.serve [MODEL] ...`` (the same as ``vlmserve serve``)."""
+    from runtime.args import normalize_argv
+
+    parser = add_serve_args(argparse.ArgumentParser(prog="vlmserve serve"))
+    ns = parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else argv, parser))
+    return run_serve(ns)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""The model server: KServe's ModelServer with our routes, lifecycle and shutdown.
+
+``VLMModelServer`` keeps KServe's pieces (FastAPI app with v1/v2 REST and ``/metrics``, the v2
+gRPC servicer, ``DataPlane``, ``ModelRepository``) and changes what a generative engine needs:
+
+* the HTTP server listens at once; models load in the background (``model.start_engine()``),
+  and ``/v2/health/ready`` and ``/v2/models/{m}/ready`` answer 503 until every model is warm;
+* it binds ``host`` (KServe hard-codes 0.0.0.0);
+* it mounts the OpenAI routes (``runtime.openai_routes``), the API-key checks (HTTP middleware
+  and gRPC interceptor) and the engine gauges on ``/metrics``;
+* SIGTERM / SIGINT: stop accepting connections, let in-flight requests finish (streams
+  included) for up to ``grace_period`` seconds, abort the rest, stop gRPC and the engines, exit 0.
+  A model that fails to load, or an engine that dies, ends the server with exit code 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import signal
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+from engine.config import EngineArgs
+from runtime._kserve import (
+    FASTAPI_APP_IMPORT_STRING,
+    DataPlane,
+    GRPCServer,
+    ModelNotReady,
+    RESTServer,
+    ServerNotReady,
+    kserve,
+    model_server,
+)
+from runtime.args import FrontendArgs
+from runtime.auth import APIKeyMiddleware, grpc_api_key_interceptor
+from runtime.metrics import register_engine_metrics
+from runtime.model import VLMModel
+from runtime.openai_dataplane import OpenAIDataPlane
+from runtime.openai_routes import register_openai_routes
+
+logger = logging.getLogger("vlmserve.server")
+ENGINE_WATCH_INTERVAL_S = 1.0
+
+
+@dataclass
+class ServerConfig:
+    """Where and how to listen (KServe's flags, plus ``host``)."""
+
+    host: str = "0.0.0.0"
+    http_port: int = 8080
+    grpc_port: int = 8081
+    enable_grpc: bool = True
+    grace_period: int = 30
+    max_threads: int = 4
+    timeout_keep_alive: int = 65
+    access_log_format: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    api_key: str | None = None
+    kserve_args: dict[str, Any] = field(default_factory=dict)  # KServe's parsed flags, if any
+
+
+class ReadinessDataPlane(DataPlane):
+    """KServe's DataPlane, whose server readiness also requires every model to be ready."""
+
+    async def ready(self) -> bool:
+        for model in list(self.model_registry.get_models().values()):
+            if not await model.healthy():
+                return False
+        return await super().ready()
+
+
+class VLMRESTServer(RESTServer):
+    """KServe's REST server; "not ready" answers (503 while loading) are not logged as errors with
+    a traceback, since readiness probes ask for them every few seconds."""
+
+    def _add_exception_handlers(self, app: Any) -> None:
+        super()._add_exception_handlers(app)
+
+        async def not_ready(_: Any, exc: Exception) -> JSONResponse:
+            return JSONResponse(status_code=503, content={"error": str(exc)})
+
+        app.add_exception_handler(ServerNotReady, not_ready)
+        app.add_exception_handler(ModelNotReady, not_ready)
+
+
+class VLMGRPCServer(GRPCServer):
+    """KServe's v2 gRPC server, plus the API-key interceptor when a key is set."""
+
+    def __init__(self, *args: Any, api_key: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._api_key = api_key
+
+    async def start(self, max_workers: int) -> None:
+        from grpc import aio
+        from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+        from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
+        from kserve.protocol.grpc.servicer import InferenceServicer
+
+        interceptors: list[Any] = [LoggingInterceptor(), ExceptionToStatusInterceptor()]
+        if self._api_key:
+            interceptors.insert(0, grpc_api_key_interceptor(self._api_key))
+        self._server = aio.server(
+            concurrent.futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors,
+            options=[("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
+                     ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length"))],
+        )
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self._data_plane, self._model_repository_extension), self._server)
+        self._server.add_insecure_port(f"[::]:{self._port}")
+        logger.info("gRPC server on [::]:%d", self._port)
+        await self._server.start()
+        await self._server.wait_for_termination()
+
+
+def configure_logging() -> None:
+    """Give our ``vlmserve.*`` loggers KServe's format (KServe configures only its own)."""
+    log = logging.getLogger("vlmserve")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(kserve.logging.KSERVE_LOGGER_FORMAT,
+                                               kserve.logging.KSERVE_LOGGER_DATE_FORMAT))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+class VLMModelServer(kserve.ModelServer):
+    def __init__(self, config: ServerConfig) -> None:
+        super().__init__(
+            http_port=config.http_port, grpc_port=config.grpc_port, workers=1, max_threads=config.max_threads,
+            enable_grpc=config.enable_grpc, access_log_format=config.access_log_format,
+            timeout_keep_alive=config.timeout_keep_alive, grace_period=config.grace_period,
+            ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile,
+        )
+        configure_logging()
+        self.config = config
+        self.dataplane = ReadinessDataPlane(model_registry=self.registered_models)
+        self.models: list[VLMModel] = []
+        self.exit_code = 0
+        self._stopping = False
+
+    # -- set-up -------------------------------------------------------------------------------------
+    def _build_app(self) -> None:
+        app = model_server.app
+        if self.config.api_key:
+            app.add_middleware(APIKeyMiddleware, api_key=self.config.api_key)
+        # Ours first: FastAPI matches in order, so GET /v1/models answers OpenAI's shape.
+        register_openai_routes(app, OpenAIDataPlane(self.registered_models))
+        register_engine_metrics(lambda: [(m.name, m) for m in self.models])
+
+        self._rest_server = VLMRESTServer(
+            FASTAPI_APP_IMPORT_STRING, self.dataplane, self.model_repository_extension, self.http_port,
+            access_log_format=self.access_log_format, workers=1, grace_period=self.grace_period,
+            event_loop=self.event_loop, timeout_keep_alive=self.timeout_keep_alive,
+            ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile,
+        )
+        self._rest_server.config.host = self.config.host
+        if self.enable_grpc:
+            kwargs = dict(vars(model_server.args), **self.config.kserve_args)
+            self._grpc_server = VLMGRPCServer(self.grpc_port, self.dataplane, self.model_repository_extension,
+                                              kwargs=kwargs, grace_period=self.grace_period,
+                                              api_key=self.config.api_key)
+
+    def start(self, models: Sequence[VLMModel]) -> int:  # type: ignore[override]
+        """Serve until a signal (or a fatal model error); returns the process exit code."""
+        for model in models:
+            for name in model.served_names:
+                self.register_model(model, name)
+            model.enable_latency_logging = self.enable_latency_logging
+            self.models.append(model)
+        self._build_app()
+        asyncio.run(self._serve_all())
+        return self.exit_code
+
+    # -- running --------------------------------------------------------------------------------------
+    async def _serve_all(self) -> None:
+        self.setup_event_loop()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._request_stop, f"signal {signal.Signals(sig).name}")
+        rest = asyncio.create_task(self._rest_server.start(), name="rest")
+        grpc = asyncio.create_task(self._grpc_server.start(self.max_threads), name="grpc") if self.enable_grpc else None
+        helpers = [asyncio.create_task(self._load(m), name=f"load-{m.name}") for m in self.models]
+        helpers.append(asyncio.create_task(self._watch_engines(), name="engine-watch"))
+        try:
+            await rest  # returns once uvicorn has drained (or failed to start)
+        finally:
+            self._stopping = True
+            for task in helpers:
+                task.cancel()
+            for model in self.models:
+                model.ready = False
+            if grpc is not None:
+                await self._grpc_server.stop()
+                await asyncio.gather(grpc, return_exceptions=True)
+            # Engines stop last: uvicorn has already aborted (closed) whatever was still in flight.
+            await loop.run_in_executor(None, self._stop_models)
+            await asyncio.gather(*helpers, return_exceptions=True)
+            logger.info("server stopped (exit code %d)", self.exit_code)
+
+    def _request_stop(self, reason: str, exit_code: int = 0) -> None:
+        if exit_code:
+            self.exit_code = exit_code
+        if self._stopping:
+            return
+        self._stopping = True
+        logger.info("shutting down (%s)", reason)
+        for model in self.models:
+            model.ready = False
+        server = self._rest_server._server  # uvicorn.Server: finish in-flight requests, then return
+        server.should_exit = True
+
+    async def _load(self, model: VLMModel) -> None:
+        """Load one model in a daemon thread (an interrupted start must not block exit)."""
+        model._loop = asyncio.get_running_loop()  # the warm-up runs on this loop
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def work() -> None:
+            try:
+                future.set_result(model.load())
+            except BaseException as exc:  # noqa: BLE001
+                future.set_exception(exc)
+
+        threading.Thread(target=work, name=f"vlmserve-load-{model.name}", daemon=True).start()
+        try:
+            await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not self._stopping:
+                logger.error("model %s failed to load: %s", model.name, exc, exc_info=exc)
+                self._request_stop(f"model {model.name} failed to load", exit_code=1)
+
+    async def _watch_engines(self) -> None:
+        """A dead engine core cannot recover: stop the server (exit 1) so that it gets restarted."""
+        while True:
+            await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
+            for model in self.models:
+                llm = model.llm
+                if llm is not None and model.ready and not llm.is_running:
+                    logger.error("the engine of model %s died", model.name)
+                    self._request_stop(f"engine of {model.name} died", exit_code=1)
+                    return
+
+    def _stop_models(self) -> None:
+        for model in self.models:
+            try:
+                model.stop()
+            except Exception as exc:  # noqa: BLE001
+                logger.error("stopping model %s failed: %s", model.name, exc)
+
+
+def build_model(name: str, engine_args: EngineArgs, frontend: FrontendArgs) -> VLMModel:
+    return VLMModel(name, engine_args, served_names=frontend.served_model_names, chat_template=frontend.chat_template)
+
+
+def check_engine_args(engine_args: EngineArgs) -> None:
+    """Fail fast (before binding ports) on a bad model path or inconsistent flags: ValueError/OSError."""
+    engine_args.create_engine_config()
+
+
+def serve(model: VLMModel, config: ServerConfig) -> int:
+    """Run the server for one model; returns the exit code (0 after a signal, 1 on a fatal error)."""
+    return VLMModelServer(config).start([model])
