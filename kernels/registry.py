@@ -53,3 +53,7 @@ def get_backend(device_type: str, name: str | None = None) -> AttentionBackend:
         except ImportError:
             continue
     return _load("torch")
+
+
+# Triton kernels for CUDA: preferred there whenever `triton` imports, else the torch reference.
+register_backend("triton", "kernels.triton_attention", "TritonBackend", ("cuda",), preferred=True)

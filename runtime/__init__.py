@@ -1,2 +1,3 @@
-"""vlmserve's runtime: the ``vlmserve`` command line (``runtime.cli``), the bundled demo checkpoint
-(``runtime.demo_model``) and, later, the KServe model server."""
+"""vlmserve's runtime: the ``vlmserve`` command line (``runtime.cli``), the KServe model server
+(``runtime.server``: OpenAI routes, KServe v2 REST/gRPC) and the bundled demo checkpoint
+(``runtime.demo_model``)."""
