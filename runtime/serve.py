@@ -61,6 +61,8 @@ def run_serve(ns: argparse.Namespace) -> int:
         print(f"vlmserve: serving the demo model (random weights, meaningless output) at {default_demo_dir()}",
               file=sys.stderr)
         ns.model = str(ensure_demo_model())
+        # A path is a poor model name (v2 routes cannot carry its slashes): name the demo.
+        ns.served_model_name = ns.served_model_name or ["vlmserve-demo"]
     names = ns.served_model_name or [ns.model]
     ns.served_model_name = names
     config = ServerConfig(host=ns.host, http_port=ns.port, grpc_port=ns.grpc_port, enable_grpc=not ns.disable_grpc,
