@@ -49,7 +49,7 @@ def _rope_inv_freq(config: Any, head_dim: int) -> tuple[torch.Tensor, float]:
     partial = float(getattr(config, "partial_rotary_factor", 1.0))
     dim = int(head_dim * partial)
     if rope_type == "default":
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
         return inv_freq, 1.0
     if rope_type == "dynamic":
         raise ValueError("rope_parameters: dynamic NTK scaling depends on the sequence length and is not supported")
