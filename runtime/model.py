@@ -213,6 +213,29 @@ class VLMModel(kserve.Model):
             raise PromptError(f"prompt: token ids {bad[:5]} are outside the vocabulary [0, {vocab})", param="prompt")
         return EnginePrompt(None, list(token_ids))
 
+    async def encode_text_with_images(self, text: str, images: Sequence[bytes]) -> EnginePrompt:
+        """A v2 prompt: ``text`` plus encoded images (decoded with the media loader's bounds). With
+        images, the model's placeholder (one per image) goes in front of a text that has none;
+        a text-only model rejects images (``PromptError`` naming ``image``)."""
+        if not images:
+            return await self.encode_text(text)
+
+        def work() -> EnginePrompt:
+            mm = self.llm.processor.mm_processor
+            if mm is None or not mm.image_placeholder_text:
+                raise PromptError(f"image: model {self.name!r} takes text only", param="image")
+            loaded = [self._media_loader.decode_image(data, f"image[{i}]") for i, data in enumerate(images)]
+            have = text.count(mm.image_placeholder_token)
+            prompt = text
+            if have == 0:
+                prompt = mm.image_placeholder_text * len(loaded) + text
+            elif have != len(loaded):
+                raise PromptError(f"image: text_input has {have} image placeholders for {len(loaded)} images",
+                                  param="image")
+            return EnginePrompt(prompt, self.llm.tokenizer(prompt).input_ids, {"image": loaded})
+
+        return await self._in_pool(work)
+
     async def _in_pool(self, fn: Callable[[], EnginePrompt]) -> EnginePrompt:
         return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn)
 
@@ -224,7 +247,7 @@ class VLMModel(kserve.Model):
             raise RuntimeError(f"model {self.name} is not loaded")
         return self.llm.generate(prompt.to_engine(), params, request_id, kind)
 
-    # -- KServe v2 metadata (the Open Inference Protocol for LLMs; v2 infer comes later) -----------
+    # -- KServe v2 metadata (the Open Inference Protocol for LLMs; served by runtime.v2_*) ---------
     def get_input_types(self) -> list[dict[str, Any]]:
         return [
             {"name": "text_input", "datatype": "BYTES", "shape": [1]},
@@ -243,4 +266,6 @@ class VLMModel(kserve.Model):
         ]
 
     async def predict(self, payload: Any, headers: dict[str, str] | None = None, response_headers: Any = None) -> Any:
-        raise NotImplementedError("v2 inference is not implemented yet; use the OpenAI routes under /v1")
+        # v2 infer / generate / gRPC are served by runtime.v2_routes and runtime.v2_grpc, which
+        # take these paths before KServe's; nothing reaches KServe's predict path.
+        raise NotImplementedError("v2 inference is served by vlmserve's own v2 routes")

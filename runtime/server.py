@@ -43,6 +43,8 @@ from runtime.metrics import register_engine_metrics
 from runtime.model import VLMModel
 from runtime.openai_dataplane import OpenAIDataPlane
 from runtime.openai_routes import register_openai_routes
+from runtime.v2_dataplane import V2DataPlane
+from runtime.v2_routes import register_v2_routes
 
 logger = logging.getLogger("vlmserve.server")
 ENGINE_WATCH_INTERVAL_S = 1.0
@@ -91,17 +93,24 @@ class VLMRESTServer(RESTServer):
 
 
 class VLMGRPCServer(GRPCServer):
-    """KServe's v2 gRPC server, plus the API-key interceptor when a key is set."""
+    """KServe's v2 gRPC server with our servicer (``runtime.v2_grpc``: every rpc of
+    ``inference.GRPCInferenceService``, ModelInfer and Triton's ModelStreamInfer included) in
+    place of KServe's, plus the API-key interceptor when a key is set."""
 
-    def __init__(self, *args: Any, api_key: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, api_key: str | None = None, v2_dataplane: V2DataPlane | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._api_key = api_key
+        self._v2_dataplane = v2_dataplane
 
     async def start(self, max_workers: int) -> None:
         from grpc import aio
-        from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
-        from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
-        from kserve.protocol.grpc.servicer import InferenceServicer
+        from kserve.protocol.grpc.interceptors import (
+            ExceptionToStatusInterceptor,
+            LoggingInterceptor,
+        )
+
+        from runtime.v2_grpc import add_v2_servicer
 
         interceptors: list[Any] = [LoggingInterceptor(), ExceptionToStatusInterceptor()]
         if self._api_key:
@@ -111,8 +120,8 @@ class VLMGRPCServer(GRPCServer):
             options=[("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
                      ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length"))],
         )
-        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self._data_plane, self._model_repository_extension), self._server)
+        add_v2_servicer(self._server, self._data_plane,
+                        self._v2_dataplane or V2DataPlane(self._data_plane.model_registry))
         self._server.add_insecure_port(f"[::]:{self._port}")
         logger.info("gRPC server on [::]:%d", self._port)
         await self._server.start()
@@ -153,6 +162,8 @@ class VLMModelServer(kserve.ModelServer):
             app.add_middleware(APIKeyMiddleware, api_key=self.config.api_key)
         # Ours first: FastAPI matches in order, so GET /v1/models answers OpenAI's shape.
         register_openai_routes(app, OpenAIDataPlane(self.registered_models))
+        v2 = V2DataPlane(self.registered_models)
+        register_v2_routes(app, v2)  # v2 infer / generate / generate_stream, ahead of KServe's infer
         register_engine_metrics(lambda: [(m.name, m) for m in self.models])
 
         self._rest_server = VLMRESTServer(
@@ -166,7 +177,7 @@ class VLMModelServer(kserve.ModelServer):
             kwargs = dict(vars(model_server.args), **self.config.kserve_args)
             self._grpc_server = VLMGRPCServer(self.grpc_port, self.dataplane, self.model_repository_extension,
                                               kwargs=kwargs, grace_period=self.grace_period,
-                                              api_key=self.config.api_key)
+                                              api_key=self.config.api_key, v2_dataplane=v2)
 
     def start(self, models: Sequence[VLMModel]) -> int:  # type: ignore[override]
         """Serve until a signal (or a fatal model error); returns the process exit code."""

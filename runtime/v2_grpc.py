@@ -1,0 +1,162 @@
+"""The gRPC ``inference.GRPCInferenceService`` (KServe v2 + Triton's ``ModelStreamInfer``).
+
+``V2InferenceServicer`` answers every rpc of ``protos/v2_grpc_predict.proto`` (compiled into
+``runtime.v2_grpc_predict_pb2*``; see ``protos/generate.py``) and replaces KServe's servicer,
+which has no streaming rpc:
+
+* ServerLive / ServerReady / ModelReady / ServerMetadata / ModelMetadata: KServe's DataPlane;
+* ModelInfer: one generation (``stream`` must be false), outputs in ``raw_output_contents``;
+* ModelStreamInfer: requests are served concurrently as they arrive; a request with input
+  ``stream`` = true gets one response per new piece of text, the last carrying
+  ``finish_reason``; a request without gets one response. Every response carries parameter
+  ``triton_final_response`` (true on a request's last one), as Triton's decoupled models do. A
+  failed request gets ``error_message`` (with its id) and the stream goes on;
+* RepositoryModelLoad / Unload: UNIMPLEMENTED (models load at start-up).
+
+Errors (unary rpcs): bad input INVALID_ARGUMENT, unknown model NOT_FOUND, not ready
+UNAVAILABLE, through KServe's exception interceptor (``grpc_interceptor`` exceptions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import aclosing
+from typing import Any
+
+from grpc_interceptor import exceptions as grpc_exc
+
+from runtime import v2_grpc_predict_pb2 as pb
+from runtime import v2_grpc_predict_pb2_grpc as pb_grpc
+from runtime.v2_codec import V2Error, decode_grpc_request, encode_grpc_response
+from runtime.v2_dataplane import Piece, V2DataPlane, output_tensors, parse_request
+
+logger = logging.getLogger("vlmserve.v2.grpc")
+DEFAULT_VERSION = "1"
+FINAL = "triton_final_response"
+
+
+def grpc_error(err: V2Error) -> grpc_exc.GrpcException:
+    if err.status == 404:
+        return grpc_exc.NotFound(err.message)
+    if err.status == 503:
+        return grpc_exc.Unavailable(err.message)
+    if err.status == 413:
+        return grpc_exc.ResourceExhausted(err.message)
+    if err.status >= 500:
+        return grpc_exc.Internal(err.message)
+    return grpc_exc.InvalidArgument(err.message)
+
+
+class V2InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, data_plane: Any, v2: V2DataPlane) -> None:
+        self._data_plane = data_plane  # KServe's DataPlane (health, metadata)
+        self._v2 = v2
+
+    # -- health and metadata ---------------------------------------------------------------------
+    async def ServerLive(self, request: Any, context: Any) -> Any:
+        return pb.ServerLiveResponse(live=(await self._data_plane.live())["status"] == "alive")
+
+    async def ServerReady(self, request: Any, context: Any) -> Any:
+        return pb.ServerReadyResponse(ready=await self._data_plane.ready())
+
+    async def ModelReady(self, request: Any, context: Any) -> Any:
+        return pb.ModelReadyResponse(ready=await self._data_plane.model_ready(model_name=request.name))
+
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:
+        meta = self._data_plane.metadata()
+        return pb.ServerMetadataResponse(name=meta["name"], version=meta["version"], extensions=meta["extensions"])
+
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        meta = await self._data_plane.model_metadata(model_name=request.name)
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=meta["name"], platform=meta.get("platform", ""), versions=[DEFAULT_VERSION],
+            inputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in meta["inputs"]],
+            outputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in meta["outputs"]])
+
+    async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
+        raise grpc_exc.Unimplemented("RepositoryModelLoad: models are loaded at server start-up")
+
+    async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
+        raise grpc_exc.Unimplemented("RepositoryModelUnload: models are loaded at server start-up")
+
+    # -- inference ----------------------------------------------------------------------------------
+    def _prepare(self, request: Any, allow_stream: bool) -> tuple[Any, Any, Any]:
+        model = self._v2.resolve(request.model_name)
+        decoded = decode_grpc_request(request)
+        self._v2.check_outputs(decoded)
+        return model, decoded, parse_request(decoded, allow_stream=allow_stream)
+
+    @staticmethod
+    def _response(request: Any, decoded: Any, piece: Piece, final: bool | None = None) -> Any:
+        wanted = [o.name for o in decoded.outputs] if decoded.outputs is not None else None
+        params = {FINAL: final} if final is not None else None
+        return encode_grpc_response(pb, request.model_name, request.model_version or DEFAULT_VERSION,
+                                    request.id, output_tensors(piece, wanted), params)
+
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        try:
+            model, decoded, req = self._prepare(request, allow_stream=False)
+            piece = await self._v2.infer(model, req)
+        except V2Error as err:
+            raise grpc_error(err) from err
+        return self._response(request, decoded, piece)
+
+    async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> Any:
+        queue: asyncio.Queue = asyncio.Queue()
+        tasks: set[asyncio.Task] = set()
+        done = object()
+
+        async def serve_one(request: Any) -> None:
+            try:
+                model, decoded, req = self._prepare(request, allow_stream=True)
+                async with aclosing(self._v2.generate(model, req)) as pieces:
+                    async for piece in pieces:
+                        queue.put_nowait(pb.ModelStreamInferResponse(
+                            infer_response=self._response(request, decoded, piece, piece.final)))
+            except V2Error as err:
+                queue.put_nowait(self._error(request, err.message))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.exception("stream request failed", exc_info=exc)
+                queue.put_nowait(self._error(request, f"internal error: {type(exc).__name__}: {exc}"))
+
+        async def read_requests() -> None:
+            try:
+                async for request in request_iterator:
+                    task = asyncio.create_task(serve_one(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                while tasks:
+                    await asyncio.gather(*list(tasks), return_exceptions=True)
+            finally:
+                queue.put_nowait(done)
+
+        reader = asyncio.create_task(read_requests())
+        try:
+            while True:
+                item = await queue.get()
+                if item is done:
+                    break
+                yield item
+            await reader
+        finally:  # the client went away (or the server stops): abort what is still running
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+            await asyncio.gather(reader, *list(tasks), return_exceptions=True)
+
+    @staticmethod
+    def _error(request: Any, message: str) -> Any:
+        resp = pb.ModelInferResponse(model_name=request.model_name,
+                                     model_version=request.model_version or DEFAULT_VERSION, id=request.id)
+        resp.parameters[FINAL].bool_param = True
+        return pb.ModelStreamInferResponse(error_message=message, infer_response=resp)
+
+
+def add_v2_servicer(server: Any, data_plane: Any, v2: V2DataPlane) -> V2InferenceServicer:
+    servicer = V2InferenceServicer(data_plane, v2)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    return servicer

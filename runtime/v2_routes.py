@@ -1,0 +1,202 @@
+"""REST routes of the Open Inference Protocol for generative models (transport layer).
+
+``register_v2_routes(app, dataplane)`` mounts, ahead of KServe's own v2 routes:
+
+* ``POST /v2/models/{m}[/versions/{v}]/infer``: v2 tensors in JSON or Triton's binary
+  extension (``Inference-Header-Content-Length``), answered the same way;
+* ``POST /v2/models/{m}[/versions/{v}]/generate``: Triton's generate extension, a JSON object
+  whose keys are the inputs (``text_input``, ``image``, ``sampling_parameters`` as a JSON
+  string or object, ``stream``, ``exclude_input_in_output``) plus ``parameters`` (sampling
+  parameters, e.g. ``{"temperature": 0, "max_tokens": 32}``) -> ``{"model_name",
+  "model_version", "text_output", "finish_reason", "num_input_tokens", "num_output_tokens"}``;
+* ``POST /v2/models/{m}[/versions/{v}]/generate_stream``: the same as server-sent events
+  ``data: {...}``, one per new piece of text (``stream`` defaults to true here); an error after
+  the stream started is sent as ``data: {"error": "..."}``.
+
+Errors are KServe's v2 shape ``{"error": "..."}`` with 400 (bad input), 404 (unknown model),
+503 (not ready), 413 (image too large). A client that disconnects cancels its request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
+
+from runtime.openai_routes import EngineStreamingResponse, run_until_disconnect
+from runtime.v2_codec import (
+    DecodedRequest,
+    Tensor,
+    V2Error,
+    decode_rest_request,
+    encode_rest_response,
+    tensor_to_json_value,
+)
+from runtime.v2_dataplane import Piece, V2DataPlane, output_tensors, parse_request
+
+logger = logging.getLogger("vlmserve.v2")
+DEFAULT_VERSION = "1"
+
+
+def error_response(err: V2Error) -> JSONResponse:
+    return JSONResponse(status_code=err.status, content={"error": err.message})
+
+
+def _internal(exc: BaseException) -> V2Error:
+    logger.exception("v2 request failed", exc_info=exc)
+    return V2Error(f"internal error: {type(exc).__name__}: {exc}", 500)
+
+
+async def _handle(request: Request, call: Callable[[], Awaitable[Response]]) -> Response:
+    try:
+        await request.body()  # read before the disconnect watcher takes over receive()
+    except ClientDisconnect:
+        return Response(status_code=499)
+
+    async def guarded() -> Response:
+        try:
+            return await call()
+        except V2Error as err:
+            return error_response(err)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            return error_response(_internal(exc))
+
+    return await run_until_disconnect(request, guarded())
+
+
+# -- generate extension: JSON object <-> tensors ---------------------------------------------------
+def _generate_inputs(body: Any) -> DecodedRequest:
+    if not isinstance(body, dict):
+        raise V2Error("the request body must be a JSON object")
+    params = body.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise V2Error("parameters: must be a JSON object")
+    inputs = []
+    for name, value in body.items():
+        if name in ("parameters", "id"):
+            continue
+        if name == "sampling_parameters" and isinstance(value, dict):
+            value = json.dumps(value)
+        if isinstance(value, bool):
+            inputs.append(Tensor(name, "BOOL", [1], [value]))
+        elif isinstance(value, str):
+            inputs.append(Tensor(name, "BYTES", [1], [value.encode()]))
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            inputs.append(Tensor(name, "BYTES", [len(value)], [v.encode() for v in value]))
+        else:
+            raise V2Error(f"input '{name}': expected a string, a list of strings or a boolean, "
+                          f"got {type(value).__name__}")
+    rid = body.get("id", "")
+    return DecodedRequest(str(rid) if rid is not None else "", inputs, None, params)
+
+
+def _generate_body(name: str, version: str, rid: str, piece: Piece) -> dict[str, Any]:
+    body: dict[str, Any] = {"model_name": name, "model_version": version}
+    if rid:
+        body["id"] = rid
+    for t in output_tensors(piece, None):
+        body[t.name] = tensor_to_json_value(t)
+    return body
+
+
+async def _read_json(request: Request) -> Any:
+    try:
+        return json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise V2Error(f"the request body is not valid JSON: {exc}") from exc
+
+
+def build_v2_router(dataplane: V2DataPlane) -> APIRouter:
+    router = APIRouter()
+
+    async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
+        async def call() -> Response:
+            model = dataplane.resolve(model_name)
+            headers = {k.lower(): v for k, v in request.headers.items()}
+            decoded = decode_rest_request(await request.body(), headers)
+            dataplane.check_outputs(decoded)
+            req = parse_request(decoded, allow_stream=False)
+            piece = await dataplane.infer(model, req)
+            wanted = [o.name for o in decoded.outputs] if decoded.outputs is not None else None
+            tensors = output_tensors(piece, wanted)
+            flags = {o.name: o.binary for o in decoded.outputs or ()}
+            binary = [flags.get(t.name) if flags.get(t.name) is not None else decoded.binary_default
+                      for t in tensors]
+            head: dict[str, Any] = {"model_name": model_name, "model_version": model_version or DEFAULT_VERSION}
+            if decoded.id:
+                head["id"] = decoded.id
+            content, out_headers = encode_rest_response(head, tensors, binary)
+            return Response(content=content, status_code=200, headers=out_headers,
+                            media_type=out_headers.pop("content-type"))
+
+        return await _handle(request, call)
+
+    async def generate(request: Request, model_name: str, model_version: str | None = None) -> Response:
+        async def call() -> Response:
+            model = dataplane.resolve(model_name)
+            decoded = _generate_inputs(await _read_json(request))
+            req = parse_request(decoded, allow_stream=False)
+            piece = await dataplane.infer(model, req)
+            return JSONResponse(_generate_body(model_name, model_version or DEFAULT_VERSION, decoded.id, piece))
+
+        return await _handle(request, call)
+
+    async def generate_stream(request: Request, model_name: str, model_version: str | None = None) -> Response:
+        async def call() -> Response:
+            model = dataplane.resolve(model_name)
+            body = await _read_json(request)
+            decoded = _generate_inputs(body)
+            if "stream" not in body and "stream" not in decoded.parameters:
+                decoded.inputs.append(Tensor("stream", "BOOL", [1], [True]))
+            req = parse_request(decoded, allow_stream=True)
+            pieces = dataplane.generate(model, req)
+            try:  # the first piece before the 200, so that prompt errors keep their 4xx status
+                first = await pieces.__anext__()
+            except StopAsyncIteration:
+                first = None
+            except BaseException:
+                await pieces.aclose()
+                raise
+            version = model_version or DEFAULT_VERSION
+            return EngineStreamingResponse(_sse(model_name, version, decoded.id, first, pieces),
+                                           media_type="text/event-stream",
+                                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+        return await _handle(request, call)
+
+    for suffix in ("", "/versions/{model_version}"):
+        base = "/v2/models/{model_name}" + suffix
+        router.add_api_route(base + "/infer", infer, methods=["POST"], include_in_schema=not suffix)
+        router.add_api_route(base + "/generate", generate, methods=["POST"], include_in_schema=not suffix)
+        router.add_api_route(base + "/generate_stream", generate_stream, methods=["POST"],
+                             include_in_schema=not suffix)
+    return router
+
+
+async def _sse(name: str, version: str, rid: str, first: Piece | None,
+               pieces: AsyncIterator[Piece]) -> AsyncIterator[str]:
+    async with aclosing(pieces) as it:
+        try:
+            if first is not None:
+                yield f"data: {json.dumps(_generate_body(name, version, rid, first))}\n\n"
+            async for piece in it:
+                yield f"data: {json.dumps(_generate_body(name, version, rid, piece))}\n\n"
+        except V2Error as err:
+            yield f"data: {json.dumps({'error': err.message})}\n\n"
+        except Exception as exc:  # noqa: BLE001
+            yield f"data: {json.dumps({'error': _internal(exc).message})}\n\n"
+
+
+def register_v2_routes(app: FastAPI, dataplane: V2DataPlane) -> None:
+    """Mount the v2 inference routes; call before KServe registers its own (FastAPI matches in
+    order, so these answer ``/v2/models/{m}/infer`` instead of KServe's)."""
+    app.include_router(build_v2_router(dataplane))
