@@ -94,13 +94,16 @@ class EngineArgs:
     # Media fetching for chat image_url parts (see engine.media).
     allowed_local_media_path: str | None = None
     allowed_media_domains: list[str] | None = None
+    max_image_bytes: int = 20 * 1024 * 1024  # encoded bytes of one image (download or data: URL)
+    max_image_pixels: int = 8192 * 8192  # decoded width * height of one image
     extra: dict[str, Any] = field(default_factory=dict)
 
     def media_config(self) -> "MediaConfig":
         from engine.media import MediaConfig
 
         domains = tuple(self.allowed_media_domains) if self.allowed_media_domains else None
-        return MediaConfig(allowed_local_media_path=self.allowed_local_media_path, allowed_media_domains=domains)
+        return MediaConfig(allowed_local_media_path=self.allowed_local_media_path, allowed_media_domains=domains,
+                           max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
 
     def validate(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -120,6 +123,8 @@ class EngineArgs:
                 raise ValueError(
                     f"limit_mm_per_prompt: expected {{'image'|'video': non-negative int}}, got {modality!r}: {limit!r}"
                 )
+        if self.max_image_bytes <= 0 or self.max_image_pixels <= 0:
+            raise ValueError("max_image_bytes / max_image_pixels: must be positive")
         if self.cpu_kv_cache_space <= 0:
             raise ValueError(f"cpu_kv_cache_space: must be positive GiB, got {self.cpu_kv_cache_space}")
 

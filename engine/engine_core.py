@@ -28,6 +28,9 @@ class EngineCoreOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    # Wall-clock time (time.time()) the scheduler first scheduled the request; set on its first
+    # output only (the front end's queue / prefill time metrics).
+    scheduled_time: float | None = None
 
 
 @dataclass
@@ -104,6 +107,7 @@ class EngineCore:
                     finish_reason=req.status.value if req.status.finished else None,
                     stop_reason=req.stop_reason,
                     num_cached_tokens=req.num_cached_tokens,
+                    scheduled_time=req.first_scheduled_time if first else None,
                 )
             )
         return outputs

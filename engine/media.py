@@ -115,10 +115,14 @@ class MediaLoader:
         try:
             with urllib.request.urlopen(url, timeout=self.timeout) as resp:
                 chunks, total = [], 0
+                sock = _socket_of(resp)
                 while True:
-                    if time.monotonic() > deadline:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
                         raise MediaError(f"{what}: fetching the image timed out after {self.timeout:g} s")
-                    chunk = resp.read(64 * 1024)
+                    if sock is not None:  # a slow drip must not outlive the deadline
+                        sock.settimeout(remaining)
+                    chunk = resp.read1(64 * 1024)
                     if not chunk:
                         break
                     total += len(chunk)
@@ -147,3 +151,9 @@ class MediaLoader:
         if path.stat().st_size > self.config.max_bytes:
             raise MediaError(f"{what}: file exceeds the limit of {self.config.max_bytes} bytes", 413)
         return path.read_bytes()
+
+
+def _socket_of(resp: Any) -> Any:
+    """The socket under an urllib response (to bound each read by the time left), if reachable."""
+    raw = getattr(getattr(resp, "fp", None), "raw", None)
+    return getattr(raw, "_sock", None)

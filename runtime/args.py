@@ -30,7 +30,7 @@ _ENGINE_FIELDS = (
     "tokenizer", "revision", "dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
     "enable_chunked_prefill", "block_size", "enable_prefix_caching", "gpu_memory_utilization",
     "cpu_kv_cache_space", "num_gpu_blocks_override", "seed", "trust_remote_code", "attention_backend",
-    "allowed_local_media_path",
+    "allowed_local_media_path", "max_image_bytes", "max_image_pixels",
 )
 
 
@@ -131,6 +131,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="folder from which file:// media may be read (default: none)")
     g.add_argument("--allowed-media-domains", type=_domain_list, nargs="+", default=None, metavar="DOMAIN",
                    help="domains media URLs may come from (default: any)")
+    g.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024, metavar="N",
+                   help="largest encoded image accepted, in bytes (default: 20 MiB); larger -> 413")
+    g.add_argument("--max-image-pixels", type=int, default=8192 * 8192, metavar="N",
+                   help="largest decoded image accepted, width * height (default: 8192*8192); larger -> 413")
 
     f = parser.add_argument_group("front end")
     f.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",

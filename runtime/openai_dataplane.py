@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from typing import Any
 
+from engine.media import MediaError
 from engine.output_processor import OutputKind
 from engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from engine.sampling_params import SamplingParams
@@ -38,6 +39,7 @@ from runtime.openai_protocol import (
     DeltaMessage,
     ErrorInfo,
     ErrorResponse,
+    ImageContentPart,
     ModelCard,
     ModelList,
     TokenLogprob,
@@ -62,21 +64,27 @@ def bad_request(message: str, param: str | None = None, code: str = "invalid_val
     return OpenAIError(400, message, param=param, code=code)
 
 
-def _from_value_error(exc: ValueError) -> OpenAIError:
-    """SamplingParams / engine ValueErrors read "field: problem"; the field becomes ``param``."""
+def _from_value_error(exc: ValueError, what: str | None = None) -> OpenAIError:
+    """SamplingParams / engine ValueErrors read "field: problem"; the field becomes ``param``
+    (the engine's ``prompt`` is the request's ``what``, e.g. ``messages``, when given)."""
     msg = str(exc)
     if isinstance(exc, PromptError):
         return bad_request(msg, exc.param, exc.code)
     head = msg.split(":", 1)[0].split("[", 1)[0]
     param = head if head.isidentifier() else None
-    status = getattr(exc, "status", 400)  # engine.media.MediaError: 400, 413, 504, ...
-    if isinstance(status, int) and status != 400:
+    if param == "prompt" and what is not None:
+        param = what
+    if "max_model_len" in msg and not isinstance(exc, MediaError):
+        # The prompt fits as text but not once image placeholders are expanded (checked by the engine).
+        return bad_request(msg, param, "context_length_exceeded")
+    if isinstance(exc, MediaError):  # 400 (bad or unreachable image), 413 (too large), ...
+        status = exc.status
         return OpenAIError(status, msg, type="invalid_request_error" if status < 500 else "upstream_error",
                            param=param, code="invalid_media")
     return bad_request(msg, param)
 
 
-async def _first(stream: AsyncIterator[Any]) -> Any:
+async def _first(stream: AsyncIterator[Any], what: str | None = None) -> Any:
     """The stream's first item (None if empty); an engine ValueError (e.g. the prompt is too long
     once image placeholders are expanded) becomes a 400 before anything is sent."""
     try:
@@ -84,7 +92,7 @@ async def _first(stream: AsyncIterator[Any]) -> Any:
     except StopAsyncIteration:
         return None
     except ValueError as exc:
-        raise _from_value_error(exc) from exc
+        raise _from_value_error(exc, what) from exc
 
 
 def _clamp(logprob: float) -> float:
@@ -263,13 +271,29 @@ class OpenAIDataPlane:
                 "reduce the length of the prompt or max_tokens", "max_tokens", "context_length_exceeded")
 
     @staticmethod
+    def _check_images(model: VLMModel, req: ChatCompletionRequest) -> None:
+        """Refuse more images than the model takes per prompt before any is downloaded or decoded."""
+        count = sum(1 for m in req.messages if isinstance(m.content, list)
+                    for p in m.content if isinstance(p, ImageContentPart))
+        if not count:
+            return
+        mm = getattr(model.llm.processor, "mm_processor", None)
+        if mm is None:
+            raise bad_request(f"messages: {count} image(s) were given but the model `{model.name}` takes text only",
+                              "messages", "too_many_images")
+        limit = mm.limits.get("image")
+        if limit is not None and count > limit:
+            raise bad_request(f"messages: {count} images were given but at most {limit} image(s) may be provided "
+                              f"in one prompt (--limit-mm-per-prompt image={limit})", "messages", "too_many_images")
+
+    @staticmethod
     def _usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
         return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                          total_tokens=prompt_tokens + completion_tokens)
 
     @staticmethod
     async def _finals(model: VLMModel, prompts: list[EnginePrompt], params: SamplingParams,
-                      rid: str) -> list[RequestOutput]:
+                      rid: str, what: str) -> list[RequestOutput]:
         streams = [model.generate(p, params, f"{rid}-{i}", OutputKind.FINAL_ONLY) for i, p in enumerate(prompts)]
         finals: list[Any] = [None] * len(prompts)
         try:
@@ -277,7 +301,7 @@ class OpenAIDataPlane:
                 async for i, out in merged:
                     finals[i] = out
         except ValueError as exc:
-            raise _from_value_error(exc) from exc
+            raise _from_value_error(exc, what) from exc
         return finals
 
     # -- chat ------------------------------------------------------------------------------------
@@ -292,6 +316,7 @@ class OpenAIDataPlane:
             if msg.get("name") is None:
                 msg.pop("name", None)
             messages.append(msg)
+        self._check_images(model, req)
         try:
             prompt = await model.render_chat(messages, req.add_generation_prompt)
         except ValueError as exc:
@@ -301,7 +326,7 @@ class OpenAIDataPlane:
         k = req.top_logprobs or 0
         if req.stream:
             return self._chat_stream(model, name, prompt, params, rid, k, req.include_usage)
-        (final,) = await self._finals(model, [prompt], params, rid)
+        (final,) = await self._finals(model, [prompt], params, rid, "messages")
         choices = [ChatCompletionChoice(index=c.index, message=AssistantMessage(content=c.text),
                                         logprobs=chat_logprobs(c, k), finish_reason=c.finish_reason,
                                         stop_reason=c.stop_reason) for c in final.outputs]
@@ -320,7 +345,9 @@ class OpenAIDataPlane:
         stream = model.generate(prompt, params, rid, OutputKind.DELTA)
         async with aclosing(stream):
             # The engine accepted the request (its first output is there) before anything is sent.
-            first = await _first(stream)
+            first = await _first(stream, "messages")
+            # The engine's prompt length: image placeholders expanded.
+            prompt_tokens = len(first.prompt_token_ids) if first is not None else len(prompt.token_ids)
             for i in range(params.n):
                 yield chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
             async for out in _chain(first, stream):
@@ -332,7 +359,7 @@ class OpenAIDataPlane:
                         index=c.index, delta=DeltaMessage(content=c.text), logprobs=chat_logprobs(c, k),
                         finish_reason=c.finish_reason, stop_reason=c.stop_reason)])
         if include_usage:
-            yield chunk([], self._usage(len(prompt.token_ids), completion_tokens))
+            yield chunk([], self._usage(prompt_tokens, completion_tokens))
 
     # -- completions -----------------------------------------------------------------------------
     async def create_completion(self, req: CompletionRequest) -> CompletionResponse | AsyncIterator[CompletionChunk]:
@@ -350,7 +377,7 @@ class OpenAIDataPlane:
         k = req.logprobs or 0
         if req.stream:
             return self._completion_stream(model, name, prompts, params, rid, k, req.include_usage)
-        finals = await self._finals(model, prompts, params, rid)
+        finals = await self._finals(model, prompts, params, rid, "prompt")
         choices = [CompletionChoice(index=i * params.n + c.index, text=c.text, logprobs=completion_logprobs(c, k),
                                     finish_reason=c.finish_reason, stop_reason=c.stop_reason)
                    for i, final in enumerate(finals) for c in final.outputs]
@@ -364,11 +391,13 @@ class OpenAIDataPlane:
         created = int(time.time())
         offsets: dict[int, int] = {}
         completion_tokens = 0
+        prompt_tokens = {i: len(p.token_ids) for i, p in enumerate(prompts)}
         deltas = _DeltaFilter()
         streams = [model.generate(p, params, f"{rid}-{i}", OutputKind.DELTA) for i, p in enumerate(prompts)]
         async with aclosing(merge_streams(streams)) as merged:
             first = await _first(merged)
             async for i, out in _chain(first, merged):
+                prompt_tokens[i] = len(out.prompt_token_ids)
                 for c in out.outputs:
                     index = i * params.n + c.index
                     completion_tokens += len(c.token_ids)
@@ -381,4 +410,4 @@ class OpenAIDataPlane:
                         stop_reason=c.stop_reason)])
         if include_usage:
             yield CompletionChunk(id=rid, created=created, model=name, choices=[],
-                                  usage=self._usage(sum(len(p.token_ids) for p in prompts), completion_tokens))
+                                  usage=self._usage(sum(prompt_tokens.values()), completion_tokens))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
 
 from engine.sampling_params import SamplingParams
 
@@ -53,6 +53,28 @@ class ChatMessage(OpenAIBaseModel):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _check_parts(cls, content: Any) -> Any:
+        """Plain messages for the common mistakes (instead of one error per union branch)."""
+        if not isinstance(content, list):
+            return content
+        for i, part in enumerate(content):
+            if not isinstance(part, dict):
+                raise ValueError(f"content[{i}]: must be an object such as {{\"type\": \"text\", \"text\": ...}}")
+            kind = part.get("type")
+            if kind not in ("text", "image_url"):
+                raise ValueError(f"content[{i}].type: unsupported content part type {kind!r}; "
+                                 "use 'text' or 'image_url'")
+            if kind == "image_url":
+                ref = part.get("image_url")
+                if isinstance(ref, str):
+                    raise ValueError(f"content[{i}].image_url: must be an object {{\"url\": \"...\"}}, "
+                                     "not a bare string")
+                if not isinstance(ref, dict) or not isinstance(ref.get("url"), str):
+                    raise ValueError(f"content[{i}].image_url: must be an object with a string 'url'")
+        return content
 
 
 class _SamplingRequest(OpenAIBaseModel):

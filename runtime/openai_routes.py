@@ -62,7 +62,8 @@ async def parse_request(request: Request, cls: type[_Req]) -> _Req:
         problems = []
         for e in exc.errors()[:5]:
             loc = ".".join(str(p) for p in e["loc"]) or "body"
-            problems.append(f"{loc}: {e['msg']}")
+            msg = e["msg"].removeprefix("Value error, ")
+            problems.append(f"{loc}: {msg}")
         first = exc.errors()[0]["loc"] if exc.errors() else ()
         raise bad_request("; ".join(problems), str(first[0]) if first else None) from exc
 
