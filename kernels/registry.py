@@ -57,3 +57,5 @@ def get_backend(device_type: str, name: str | None = None) -> AttentionBackend:
 
 # Triton kernels for CUDA: preferred there whenever `triton` imports, else the torch reference.
 register_backend("triton", "kernels.triton_attention", "TritonBackend", ("cuda",), preferred=True)
+# Cambricon's ops on MLU: preferred there whenever `torch_mlu_ops` imports, else the torch reference.
+register_backend("mlu_ops", "kernels.mlu_ops", "MLUOpsBackend", ("mlu",), preferred=True)
