@@ -2,10 +2,12 @@
 
 from engine.config import EngineArgs
 from engine.llm import LLM
-from engine.outputs import CompletionOutput, Logprob, RequestOutput
+from engine.outputs import CompletionOutput, EmbeddingOutput, Logprob, PoolingRequestOutput, RequestOutput
+from engine.pooling_params import PoolingParams
 from engine.sampling_params import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "EngineArgs", "RequestOutput", "CompletionOutput", "Logprob", "AsyncLLM"]
+__all__ = ["LLM", "SamplingParams", "PoolingParams", "EngineArgs", "RequestOutput", "CompletionOutput", "Logprob",
+           "PoolingRequestOutput", "EmbeddingOutput", "AsyncLLM"]
 
 
 def __getattr__(name: str):

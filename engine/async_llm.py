@@ -22,7 +22,8 @@ from engine.config import EngineArgs
 from engine.core_process import recv_msg, send_msg, start_core_process
 from engine.engine_core import EngineStats
 from engine.output_processor import OutputKind, OutputProcessor
-from engine.outputs import RequestOutput
+from engine.outputs import EngineOutputError, PoolingRequestOutput, RequestError, RequestOutput
+from engine.pooling_params import PoolingParams
 from engine.processor import InputProcessor, PromptType, load_tokenizer, split_children
 from engine.sampling_params import SamplingParams
 
@@ -126,6 +127,11 @@ class AsyncLLM:
 
     # -- public API -----------------------------------------------------------------------------
     @property
+    def is_pooling(self) -> bool:
+        """Whether the engine serves embeddings (task="embed") rather than generation."""
+        return self.config.model.is_pooling
+
+    @property
     def is_running(self) -> bool:
         return self._dead is None and self._proc.poll() is None
 
@@ -185,6 +191,41 @@ class AsyncLLM:
                     self._log("record_finished", FinishedRequestStats(
                         ["abort"], timing.num_prompt_tokens, self._num_generated(timing)))
 
+    async def encode(
+        self,
+        prompt: PromptType,
+        pooling_params: PoolingParams | None,
+        request_id: str,
+    ) -> AsyncIterator[PoolingRequestOutput]:
+        """Embed one prompt (the engine must have task="embed"): yields one final
+        PoolingRequestOutput. Leaving early (or being cancelled) aborts the request; a non-finite
+        embedding raises EngineOutputError."""
+        if self._dead is not None:
+            raise EngineDeadError(self._dead)
+        if request_id in self._queues:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        if pooling_params is None:
+            pooling_params = PoolingParams()
+        self._loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = queue
+        finished = False
+        try:
+            text, req, _ = await self._loop.run_in_executor(
+                self._pool, self._timed_process, request_id, prompt, pooling_params
+            )
+            self.output_processor.add_pooling_request(request_id, text, req.prompt_token_ids)
+            self._send(("add", req))
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            finished = True
+            yield item
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                self._abort_now(request_id)
+
     async def abort(self, request_id: str) -> None:
         self._abort_now(request_id)
         queue = self._queues.pop(request_id, None)
@@ -205,7 +246,8 @@ class AsyncLLM:
         self._conn.close()
 
     # -- plumbing -------------------------------------------------------------------------------
-    def _timed_process(self, request_id: str, prompt: PromptType, params: SamplingParams) -> tuple[Any, Any, float]:
+    def _timed_process(self, request_id: str, prompt: PromptType,
+                       params: SamplingParams | PoolingParams) -> tuple[Any, Any, float]:
         t0 = time.perf_counter()
         text, req = self.processor.process(request_id, prompt, params)
         return text, req, time.perf_counter() - t0
@@ -316,7 +358,7 @@ class AsyncLLM:
             for out in ready:
                 queue = self._queues.get(out.request_id)
                 if queue is not None:
-                    queue.put_nowait(out)
+                    queue.put_nowait(EngineOutputError(out.message) if isinstance(out, RequestError) else out)
         elif kind == "error":
             parent = self.output_processor.child_to_parent.get(msg[1], msg[1])
             self._abort_now(parent)

@@ -75,7 +75,7 @@ class BlockManager:
 
     def get_computed_blocks(self, req: Request) -> list[int]:
         """Cached blocks forming the longest prefix of ``req``; at least one token is left to compute."""
-        if not self.enable_prefix_caching or req.wants_prompt_logprobs:
+        if not self.enable_prefix_caching or req.skip_prefix_cache:
             return []
         # The last token must be recomputed to get logits, so look only at the first num_tokens - 1.
         self._update_hashes(req, req.num_tokens - 1)
@@ -99,7 +99,7 @@ class BlockManager:
 
     def allocate(self, req: Request, num_new_tokens: int, computed_blocks: list[int] = ()) -> None:
         """Take ``computed_blocks`` (prefix hits) and enough fresh blocks for ``num_new_tokens``."""
-        if not req.block_ids and self.enable_prefix_caching and not req.wants_prompt_logprobs:
+        if not req.block_ids and self.enable_prefix_caching and not req.skip_prefix_cache:
             # Counted on admission only: a request that waits for blocks is looked up every step.
             self.num_queried_tokens += req.num_tokens
             self.num_hit_tokens += len(computed_blocks) * self.block_size

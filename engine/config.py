@@ -15,9 +15,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from engine.device import Platform, get_platform
+from engine.pooling_params import POOLING_TYPES
 
 if TYPE_CHECKING:
     from engine.media import MediaConfig
+
+TASKS = ("generate", "embed", "embedding")
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -39,6 +42,16 @@ class ModelConfig:
     seed: int
     served_name: str
     limit_mm_per_prompt: dict[str, int] = field(default_factory=dict)
+    task: str = "generate"  # "generate" | "embed"
+    pooling_type: str = "LAST"  # embed task: "LAST" | "MEAN" | "CLS"
+
+    @property
+    def is_pooling(self) -> bool:
+        return self.task == "embed"
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.hf_config.get_text_config().hidden_size)
 
 
 @dataclass(frozen=True)
@@ -96,6 +109,10 @@ class EngineArgs:
     allowed_media_domains: list[str] | None = None
     max_image_bytes: int = 20 * 1024 * 1024  # encoded bytes of one image (download or data: URL)
     max_image_pixels: int = 8192 * 8192  # decoded width * height of one image
+    # "generate" (default) or "embed" / "embedding": serve pooled hidden states (vLLM's --task).
+    task: str = "generate"
+    # Embedding pooling: "LAST" | "MEAN" | "CLS"; default LAST (vLLM's for *ForCausalLM as embedder).
+    pooling_type: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def media_config(self) -> "MediaConfig":
@@ -125,6 +142,10 @@ class EngineArgs:
                 )
         if self.max_image_bytes <= 0 or self.max_image_pixels <= 0:
             raise ValueError("max_image_bytes / max_image_pixels: must be positive")
+        if self.task not in TASKS:
+            raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.pooling_type is not None and str(self.pooling_type).upper() not in POOLING_TYPES:
+            raise ValueError(f"pooling_type: expected one of {', '.join(POOLING_TYPES)}, got {self.pooling_type!r}")
         if self.cpu_kv_cache_space <= 0:
             raise ValueError(f"cpu_kv_cache_space: must be positive GiB, got {self.cpu_kv_cache_space}")
 
@@ -167,6 +188,8 @@ class EngineArgs:
             seed=self.seed,
             served_name=self.served_model_name or self.model,
             limit_mm_per_prompt=dict(self.limit_mm_per_prompt or {}),
+            task="embed" if self.task in ("embed", "embedding") else "generate",
+            pooling_type=str(self.pooling_type or "LAST").upper(),
         )
         cache = CacheConfig(
             block_size=self.block_size,

@@ -7,6 +7,7 @@ The offline ``LLM`` drives it in-process; ``AsyncLLM`` runs it in a child proces
 from __future__ import annotations
 
 import time
+from typing import Any
 from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
@@ -31,6 +32,8 @@ class EngineCoreOutput:
     # Wall-clock time (time.time()) the scheduler first scheduled the request; set on its first
     # output only (the front end's queue / prefill time metrics).
     scheduled_time: float | None = None
+    # A pooling request's result (fp32 CPU tensor), on its one and final output.
+    pooled: Any = None
 
 
 @dataclass
@@ -66,14 +69,21 @@ class EngineCore:
     def add_request(self, req: EngineRequest) -> None:
         if not req.prompt_token_ids:
             raise ValueError("prompt: must contain at least one token")
-        if len(req.prompt_token_ids) >= self.config.scheduler.max_model_len:
+        limit = self.config.scheduler.max_model_len
+        if req.pooling_params is not None and not self.config.model.is_pooling:
+            raise ValueError("pooling_params: this engine serves generation (task='generate'), not embeddings")
+        if req.pooling_params is None and self.config.model.is_pooling:
+            raise ValueError("sampling_params: this engine serves embeddings (task='embed'), not generation")
+        if req.pooling_params is not None and len(req.prompt_token_ids) > limit:
+            raise ValueError(f"prompt: {len(req.prompt_token_ids)} tokens exceed max_model_len={limit}")
+        if req.pooling_params is None and len(req.prompt_token_ids) >= limit:
             raise ValueError(
                 f"prompt: {len(req.prompt_token_ids)} tokens leave no room to generate within "
                 f"max_model_len={self.config.scheduler.max_model_len}"
             )
         if req.request_id in self.scheduler.requests:
             raise ValueError(f"request_id: {req.request_id!r} is already running")
-        self.scheduler.add_request(Request(req, self.config.scheduler.max_model_len))
+        self.scheduler.add_request(Request(req, limit, self.config.model.pooling_type))
 
     def abort_requests(self, request_ids: list[str]) -> None:
         for req in self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED):
@@ -93,9 +103,15 @@ class EngineCore:
         self.last_step_time = time.perf_counter() - t0
         for rid in sched_out.preempted:
             self.runner.encoder_cache.release(rid)
-        for req in self.scheduler.update_from_output(sched_out, result.sampled):
+        for req in self.scheduler.update_from_output(sched_out, result.sampled, result.pooled):
             if req.status.finished and req.mm_features:
                 self.runner.encoder_cache.release(req.request_id)
+            if req.is_pooling:
+                outputs.append(EngineCoreOutput(
+                    request_id=req.request_id, new_token_ids=[], finish_reason=req.status.value,
+                    num_cached_tokens=req.num_cached_tokens, scheduled_time=req.first_scheduled_time,
+                    pooled=result.pooled[req.request_id]))
+                continue
             lp = result.logprobs.get(req.request_id)
             first = req.num_output_tokens == 1
             outputs.append(

@@ -14,7 +14,8 @@ from engine.config import EngineArgs
 from engine.engine_core import EngineCore
 from engine.media import MediaLoader
 from engine.output_processor import OutputKind, OutputProcessor
-from engine.outputs import RequestOutput
+from engine.outputs import EngineOutputError, PoolingRequestOutput, RequestError, RequestOutput
+from engine.pooling_params import PoolingParams
 from engine.processor import InputProcessor, PromptType, load_tokenizer, split_children
 from engine.request import EngineRequest
 from engine.sampling_params import SamplingParams
@@ -62,6 +63,8 @@ class LLM:
                 raise ValueError(
                     f"sampling_params: got {len(params_list)} for {len(prompt_list)} prompts; give one or one per prompt"
                 )
+        if self.config.model.is_pooling:
+            raise ValueError("generate: this engine serves embeddings (task='embed'); use embed()")
         # Validate and tokenise everything before queuing anything.
         processed = [
             self.processor.process(str(next(self._counter)), p, sp) for p, sp in zip(prompt_list, params_list)
@@ -71,6 +74,48 @@ class LLM:
             self._add(text, req, OutputKind.FINAL_ONLY)
             order.append(req.request_id)
         return self._run(order, use_tqdm and not single)
+
+    def embed(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[PoolingRequestOutput]:
+        """Embed one prompt or a list (the engine must have task="embed"); one PoolingRequestOutput
+        per prompt, in order, whose ``outputs.embedding`` is the pooled hidden state. Raises
+        EngineOutputError if an embedding is not finite (NaN / inf)."""
+        single = isinstance(prompts, (str, dict))
+        prompt_list = [prompts] if single else list(prompts)
+        if pooling_params is None:
+            pooling_params = PoolingParams()
+        if isinstance(pooling_params, PoolingParams):
+            params_list = [pooling_params] * len(prompt_list)
+        else:
+            params_list = list(pooling_params)
+            if len(params_list) != len(prompt_list):
+                raise ValueError(
+                    f"pooling_params: got {len(params_list)} for {len(prompt_list)} prompts; give one or one per prompt"
+                )
+        if not self.config.model.is_pooling:
+            raise ValueError("embed: this engine serves generation; create it with LLM(..., task='embed')")
+        processed = [
+            self.processor.process(str(next(self._counter)), p, pp) for p, pp in zip(prompt_list, params_list)
+        ]
+        order = []
+        for text, req in processed:
+            self.output_processor.add_pooling_request(req.request_id, text, req.prompt_token_ids)
+            self.core.add_request(req)
+            order.append(req.request_id)
+        return self._run(order, use_tqdm and not single)
+
+    def encode(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[PoolingRequestOutput]:
+        """The same as ``embed``."""
+        return self.embed(prompts, pooling_params, use_tqdm)
 
     def chat(
         self,
@@ -97,8 +142,8 @@ class LLM:
         for child in children:
             self.core.add_request(child)
 
-    def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:
-        results: dict[str, RequestOutput] = {}
+    def _run(self, order: list[str], use_tqdm: bool) -> list[Any]:
+        results: dict[str, Any] = {}
         bar = None
         if use_tqdm:
             from tqdm.auto import tqdm
@@ -115,4 +160,7 @@ class LLM:
                         bar.update(1)
         if bar is not None:
             bar.close()
+        errors = [r for r in results.values() if isinstance(r, RequestError)]
+        if errors:
+            raise EngineOutputError(f"request {errors[0].request_id}: {errors[0].message}")
         return [results[rid] for rid in order]

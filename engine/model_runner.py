@@ -38,12 +38,16 @@ class ForwardBatch:
     # (request id, feature, first encoder row, end encoder row, first batch row): encoder outputs
     # that replace the placeholder tokens' embeddings in this step
     mm_slices: list[tuple[str, MultiModalFeature, int, int, int]] = field(default_factory=list)
+    # (request, first row, number of rows) of pooling requests: their hidden states are pooled
+    pool_rows: list[tuple[Request, int, int]] = field(default_factory=list)
 
 
 @dataclass
 class RunnerOutput:
     sampled: dict[str, int]
     logprobs: dict[str, list[TokenLogprob]]
+    # Pooling requests whose prompt finished this step: the pooled vector, fp32 on CPU.
+    pooled: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -127,7 +131,7 @@ class ModelRunner:
     def prepare(self, out: SchedulerOutput) -> ForwardBatch:
         bs = self.block_size
         ids, pos, slots, qsl, seq_lens, tables = [], [], [], [0], [], []
-        logits_rows, sample_reqs, prompt_rows, mm_slices = [], [], [], []
+        logits_rows, sample_reqs, prompt_rows, mm_slices, pool_rows = [], [], [], [], []
         for req, n in out.scheduled:
             start = req.num_computed_tokens
             p = np.arange(start, start + n)
@@ -145,7 +149,9 @@ class ModelRunner:
             tables.append(req.block_ids)
             if req.wants_prompt_logprobs and start < req.num_prompt_tokens - 1:
                 prompt_rows.append((req, row0, min(n, req.num_prompt_tokens - 1 - start)))
-            if start + n == req.num_tokens:
+            if req.is_pooling:
+                pool_rows.append((req, row0, n))
+            elif start + n == req.num_tokens:
                 logits_rows.append(row0 + n - 1)
                 sample_reqs.append(req)
         max_blocks = max(len(t) for t in tables)
@@ -172,6 +178,7 @@ class ModelRunner:
             sample_reqs=sample_reqs,
             prompt_rows=prompt_rows,
             mm_slices=mm_slices,
+            pool_rows=pool_rows,
         )
 
     @staticmethod
@@ -210,8 +217,9 @@ class ModelRunner:
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn)  # [N, hidden]
         for req, row0, rows in batch.prompt_rows:
             self._score_prompt(req, hidden[row0 : row0 + rows], req.num_computed_tokens)
+        pooled = self._pool(batch.pool_rows, hidden) if batch.pool_rows else {}
         if not batch.sample_reqs:
-            return RunnerOutput(sampled={}, logprobs={})
+            return RunnerOutput(sampled={}, logprobs={}, pooled=pooled)
         for req in batch.sample_reqs:
             if req.params.seed is not None and req.generator is None:
                 req.generator = self.sampler.make_generator(req.params.seed)
@@ -219,7 +227,45 @@ class ModelRunner:
         result = self.sampler(logits, batch.sample_reqs)
         sampled = {r.request_id: t for r, t in zip(batch.sample_reqs, result.token_ids)}
         logprobs = {r.request_id: lp for r, lp in zip(batch.sample_reqs, result.logprobs) if lp is not None}
-        return RunnerOutput(sampled=sampled, logprobs=logprobs)
+        return RunnerOutput(sampled=sampled, logprobs=logprobs, pooled=pooled)
+
+    def _pool(self, pool_rows: list[tuple[Request, int, int]], hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Pool the hidden states (after the final norm) of pooling requests' prompt chunks; a
+        request whose prompt ends in this chunk gets its vector (truncated to ``dimensions``,
+        then L2-normalised if asked), fp32 on CPU. MEAN sums across chunks in ``req.pool_acc``."""
+        done_reqs, vectors = [], []
+        for req, row0, n in pool_rows:
+            start = req.num_computed_tokens  # not yet advanced for this step
+            rows = hidden[row0 : row0 + n]
+            if start == 0:
+                req.pool_acc = None
+            if req.pooling_type == "MEAN":
+                part = rows.float().sum(dim=0)
+                req.pool_acc = part if req.pool_acc is None else req.pool_acc + part
+            elif req.pooling_type == "CLS" and start == 0:
+                req.pool_acc = rows[0].float()
+            if start + n < req.num_prompt_tokens:
+                continue
+            if req.pooling_type == "MEAN":
+                vec = req.pool_acc / req.num_prompt_tokens
+            elif req.pooling_type == "CLS":
+                vec = req.pool_acc
+            else:  # LAST
+                vec = rows[-1].float()
+            req.pool_acc = None
+            done_reqs.append(req)
+            vectors.append(vec)
+        if not done_reqs:
+            return {}
+        out: dict[str, torch.Tensor] = {}
+        for req, vec in zip(done_reqs, vectors):
+            params = req.pooling_params
+            if params.dimensions is not None:
+                vec = vec[: params.dimensions]
+            if params.normalize:
+                vec = torch.nn.functional.normalize(vec, p=2, dim=-1)
+            out[req.request_id] = vec.to("cpu", torch.float32)
+        return out
 
     def _score_prompt(self, req: Request, hidden: torch.Tensor, start: int) -> None:
         """Logprobs of prompt tokens start+1 .. start+rows given their prefixes (skipping ones already

@@ -12,7 +12,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.engine_core import EngineCoreOutput
-from engine.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from engine.outputs import (
+    CompletionOutput,
+    EmbeddingOutput,
+    Logprob,
+    PoolingRequestOutput,
+    PositionLogprobs,
+    RequestError,
+    RequestOutput,
+)
 from engine.sampling_params import SamplingParams
 
 
@@ -91,6 +99,25 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.requests: dict[str, _ReqState] = {}
         self.child_to_parent: dict[str, str] = {}
+        self.pooling: dict[str, tuple[str | None, list[int]]] = {}  # request id -> (prompt, prompt ids)
+
+    def add_pooling_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int]) -> None:
+        """A pooling request: one final PoolingRequestOutput (or a RequestError) comes out."""
+        self.pooling[request_id] = (prompt, list(prompt_token_ids))
+
+    def _pooling_output(self, out: EngineCoreOutput) -> PoolingRequestOutput | RequestError | None:
+        prompt, ids = self.pooling.pop(out.request_id)
+        if out.pooled is None:  # aborted
+            return None
+        import torch
+
+        vec = out.pooled
+        if not bool(torch.isfinite(vec).all()):
+            # NaN / inf cannot be written as JSON (and mean a broken model or overflow): an error.
+            return RequestError(out.request_id, "the model produced a non-finite embedding (NaN or inf); "
+                                "try another dtype (e.g. float32)")
+        return PoolingRequestOutput(out.request_id, ids, EmbeddingOutput(vec.tolist()), True, prompt,
+                                    out.num_cached_tokens)
 
     def add_request(
         self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
@@ -105,19 +132,29 @@ class OutputProcessor:
         self.requests[request_id] = _ReqState(request_id, prompt, list(prompt_token_ids), kind, seqs)
 
     def child_ids(self, request_id: str) -> list[str]:
+        if request_id in self.pooling:
+            return [request_id]
         state = self.requests.get(request_id)
         return list(state.seqs) if state else []
 
     def abort(self, request_id: str) -> None:
+        self.pooling.pop(request_id, None)
         state = self.requests.pop(request_id, None)
         for child in state.seqs if state else ():
             self.child_to_parent.pop(child, None)
 
-    def process(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
-        """Apply core outputs; returns (RequestOutputs to deliver, child ids to abort in the core)."""
+    def process(self, outputs: list[EngineCoreOutput]) -> tuple[list[Any], list[str]]:
+        """Apply core outputs; returns (outputs to deliver: RequestOutput, PoolingRequestOutput or
+        RequestError, child ids to abort in the core)."""
         touched: dict[str, _ReqState] = {}
         to_abort: list[str] = []
+        ready: list = []
         for out in outputs:
+            if out.request_id in self.pooling:
+                result = self._pooling_output(out)
+                if result is not None:
+                    ready.append(result)
+                continue
             parent = self.child_to_parent.get(out.request_id)
             if parent is None:
                 continue  # already finished or aborted here
@@ -132,7 +169,6 @@ class OutputProcessor:
             if out.finish_reason is None and seq.finish_reason is not None:
                 to_abort.append(out.request_id)  # a stop string ended it: the core must drop it too
             touched[parent] = state
-        ready = []
         for rid, state in touched.items():
             ro = self._make_output(state)
             if ro is not None:

@@ -40,3 +40,39 @@ class RequestOutput:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class EmbeddingOutput:
+    """The pooled hidden state of a prompt (fp32 values)."""
+
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class PoolingRequestOutput:
+    """The result of a pooling (embedding) request: one final output, as vLLM's."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
+    finished: bool = True
+    prompt: str | None = None
+    num_cached_tokens: int = 0
+
+
+class EngineOutputError(RuntimeError):
+    """A request's output is unusable (e.g. an embedding with NaN or inf); the server answers 500."""
+
+
+@dataclass
+class RequestError:
+    """Output-processor marker: request ``request_id`` failed with ``message`` (finished)."""
+
+    request_id: str
+    message: str
+    finished: bool = True

@@ -13,6 +13,7 @@ from typing import Any
 from engine.config import EngineConfig
 from engine.mm_processor import ProcessedPrompt, get_mm_processor
 from engine.multimodal import block_extra_keys
+from engine.pooling_params import PoolingParams
 from engine.request import EngineRequest
 from engine.sampling_params import SamplingParams
 
@@ -101,14 +102,42 @@ class InputProcessor:
             prompt["multi_modal_data"] = mm_data
         return prompt
 
-    def process(self, request_id: str, prompt: PromptType, params: SamplingParams) -> tuple[str | None, EngineRequest]:
-        if not isinstance(params, SamplingParams):
+    def process(
+        self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams
+    ) -> tuple[str | None, EngineRequest]:
+        """A prompt with SamplingParams (generation) or PoolingParams (embedding; the engine's task
+        must match) -> (prompt text, EngineRequest)."""
+        pooling = self.config.model.is_pooling
+        if isinstance(params, PoolingParams):
+            if not pooling:
+                raise ValueError("pooling_params: this model serves generation (task='generate'), not embeddings; "
+                                 "start the engine with task='embed'")
+            if params.dimensions is not None and params.dimensions > self.config.model.hidden_size:
+                raise ValueError(f"dimensions: {params.dimensions} is more than the model's embedding size "
+                                 f"({self.config.model.hidden_size})")
+        elif not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
+        elif pooling:
+            raise ValueError("sampling_params: this model serves embeddings (task='embed'), not generation; "
+                             "use embed() / encode()")
         text, ids = self.tokenize_prompt(prompt)
         processed = self._process_multimodal(prompt, ids)
         ids = processed.prompt_token_ids
         if not ids:
             raise ValueError("prompt: is empty after tokenisation")
+        if isinstance(params, PoolingParams):
+            if len(ids) > self.max_model_len:
+                raise ValueError(f"prompt: {len(ids)} tokens is too long; max_model_len is {self.max_model_len}")
+            return text, EngineRequest(
+                request_id=request_id,
+                prompt_token_ids=ids,
+                sampling_params=None,
+                pooling_params=params,
+                block_extra_keys=block_extra_keys(processed.mm_features, self.config.cache.block_size),
+                mm_features=processed.mm_features,
+                mrope_positions=processed.mrope_positions,
+                mrope_delta=processed.mrope_delta,
+            )
         if len(ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt: {len(ids)} tokens is too long; max_model_len is {self.max_model_len} "
@@ -140,7 +169,7 @@ class InputProcessor:
 def split_children(req: EngineRequest) -> list[EngineRequest]:
     """A request with n > 1 becomes n core requests ``"{i}_{id}"`` that share the prompt (and, through
     the prefix cache, its KV blocks); each gets ``params.for_child(i)`` (n=1, seed + i when seeded)."""
-    n = req.sampling_params.n
+    n = req.sampling_params.n if req.sampling_params is not None else 1
     if n == 1:
         return [req]
     return [

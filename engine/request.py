@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.pooling_params import PoolingParams
 from engine.sampling_params import SamplingParams
 
 
@@ -20,7 +21,7 @@ from engine.sampling_params import SamplingParams
 class EngineRequest:
     request_id: str
     prompt_token_ids: list[int]
-    sampling_params: SamplingParams
+    sampling_params: SamplingParams | None  # None for a pooling request
     arrival_time: float = field(default_factory=time.time)
     # Extra keys mixed into the prefix-cache hash of each block (e.g. image hashes), by block index.
     block_extra_keys: dict[int, tuple[Any, ...]] = field(default_factory=dict)
@@ -29,6 +30,9 @@ class EngineRequest:
     # M-RoPE (Qwen2-VL): positions [3, num_prompt_tokens] int64, and the offset of later tokens.
     mrope_positions: Any = None
     mrope_delta: int = 0
+    # Set for a pooling (embedding) request: the prompt is computed and its pooled hidden state
+    # returned; nothing is sampled.
+    pooling_params: PoolingParams | None = None
 
 
 class RequestStatus(enum.Enum):
@@ -47,7 +51,7 @@ class RequestStatus(enum.Enum):
 class Request:
     """Engine-core state of one sequence."""
 
-    def __init__(self, req: EngineRequest, max_model_len: int) -> None:
+    def __init__(self, req: EngineRequest, max_model_len: int, pooling_type: str = "LAST") -> None:
         self.request_id = req.request_id
         self.prompt_token_ids = list(req.prompt_token_ids)
         self.all_token_ids = list(req.prompt_token_ids)
@@ -69,6 +73,20 @@ class Request:
         self.generator: Any = None  # torch.Generator when the request is seeded
         self.first_scheduled_time: float | None = None
         self.prompt_logprobs_acc: list = []  # per prompt position: None or [(token, logprob, rank), ...]
+        self.pooling_params = req.pooling_params
+        self.pooling_type = pooling_type
+        self.pool_acc: Any = None  # MEAN: running fp32 sum of hidden states; CLS: the first row
+
+    @property
+    def is_pooling(self) -> bool:
+        return self.pooling_params is not None
+
+    @property
+    def skip_prefix_cache(self) -> bool:
+        """Prefix-cache hits skip computing the cached tokens, whose outputs some requests need:
+        prompt logprobs, and MEAN / CLS pooling (LAST pooling only needs the last token, which is
+        always computed)."""
+        return self.wants_prompt_logprobs or (self.is_pooling and self.pooling_type != "LAST")
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -84,7 +102,7 @@ class Request:
 
     @property
     def wants_prompt_logprobs(self) -> bool:
-        return self.params.prompt_logprobs is not None
+        return self.params is not None and self.params.prompt_logprobs is not None
 
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

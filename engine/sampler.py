@@ -24,11 +24,16 @@ def topk_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> li
     """logprobs: [M, V] log-softmax; token_ids: [M] -> per row [(chosen), top-1, ..., top-k]."""
     chosen = logprobs.gather(1, token_ids[:, None])  # [M, 1]
     ranks = (logprobs > chosen).sum(-1) + 1  # [M]
-    top_vals, top_ids = logprobs.topk(k, dim=-1) if k > 0 else (logprobs[:, :0], token_ids[:, None][:, :0])
+    ids_l, chosen_l, ranks_l = token_ids.tolist(), chosen[:, 0].tolist(), ranks.tolist()
+    if k > 0:
+        top_vals, top_ids = logprobs.topk(k, dim=-1)
+        vals_l, tids_l = top_vals.tolist(), top_ids.tolist()
+    else:
+        vals_l = tids_l = [[] for _ in ids_l]
     rows = []
-    for r in range(logprobs.shape[0]):
-        row = [(int(token_ids[r]), float(chosen[r, 0]), int(ranks[r]))]
-        row += [(int(t), float(v), i + 1) for i, (t, v) in enumerate(zip(top_ids[r].tolist(), top_vals[r].tolist()))]
+    for r in range(len(ids_l)):
+        row = [(ids_l[r], chosen_l[r], ranks_l[r])]
+        row += [(t, v, i + 1) for i, (t, v) in enumerate(zip(tids_l[r], vals_l[r]))]
         rows.append(row)
     return rows
 
@@ -45,15 +50,21 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
         # logits: [M, V] fp32, row r belongs to reqs[r]
         num_rows = logits.shape[0]
-        want_lp = [r.params.logprobs for r in reqs]
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(k is not None for k in want_lp) else None
+        params = [r.params for r in reqs]
+        want_lp = [p.logprobs for p in params]
+        any_lp = any(k is not None for k in want_lp)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any_lp else None
         logits = self._apply_penalties(logits, reqs)
 
-        greedy = torch.tensor([r.params.greedy for r in reqs], device=logits.device)
         token_ids = logits.argmax(dim=-1)
-        if not bool(greedy.all()):
-            sampled = self._sample(logits, reqs)
-            token_ids = torch.where(greedy, token_ids, sampled)
+        sample_rows = [r for r, p in enumerate(params) if not p.greedy]
+        if sample_rows:
+            if len(sample_rows) == num_rows:
+                token_ids = self._sample(logits, reqs)
+            else:
+                idx = torch.tensor(sample_rows, dtype=torch.long, device=logits.device)
+                sampled = self._sample(logits.index_select(0, idx), [reqs[r] for r in sample_rows])
+                token_ids = token_ids.index_copy(0, idx, sampled)
 
         logprobs: list[list[TokenLogprob] | None] = [None] * num_rows
         if raw_logprobs is not None:
@@ -65,34 +76,93 @@ class Sampler:
         return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs)
 
     def _apply_penalties(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """Repetition / frequency / presence penalties and min_tokens stop-id masking, batched over
+        the rows that need them (no per-row kernels, no host syncs)."""
+        pen_rows: list[int] = []
+        min_rows: list[int] = []
+        min_cols: list[int] = []
         vocab = logits.shape[1]
-        cloned = False
         for r, req in enumerate(reqs):
             p = req.params
-            needs_min = req.num_output_tokens < p.min_tokens and p._all_stop_token_ids
-            has_pen = p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
-            if not (needs_min or has_pen):
-                continue
-            if not cloned:
-                logits, cloned = logits.clone(), True
-            row = logits[r]
-            if has_pen:
-                out_ids = torch.tensor(req.output_token_ids, dtype=torch.long, device=logits.device)
-                counts = torch.bincount(out_ids, minlength=vocab)[:vocab].to(row.dtype)
-                if p.repetition_penalty != 1.0:
-                    seen = counts > 0
-                    seen[torch.tensor(req.prompt_token_ids, dtype=torch.long, device=logits.device)] = True
-                    penalised = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
-                    row.copy_(torch.where(seen, penalised, row))
-                row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
-            if needs_min:
-                row[list(p._all_stop_token_ids)] = float("-inf")
+            if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0:
+                pen_rows.append(r)
+            if p._all_stop_token_ids and req.num_output_tokens < p.min_tokens:
+                stops = [t for t in p._all_stop_token_ids if t < vocab]
+                min_rows.extend([r] * len(stops))
+                min_cols.extend(stops)
+        if not pen_rows and not min_rows:
+            return logits
+        logits = logits.clone()
+        dev = logits.device
+        if pen_rows:
+            self._penalise(logits, [reqs[r] for r in pen_rows], pen_rows)
+        if min_rows:
+            # One scatter of -inf at every (row, stop id) pair of the rows still below min_tokens.
+            idx = torch.tensor([min_rows, min_cols], dtype=torch.long, device=dev)
+            logits.index_put_((idx[0], idx[1]), torch.tensor(float("-inf"), device=dev))
         return logits
 
+    @staticmethod
+    def _penalise(logits: torch.Tensor, reqs: list[Request], rows: list[int]) -> None:
+        dev, vocab = logits.device, logits.shape[1]
+        m = len(rows)
+        # Output-token counts of each row: scatter_add over a [m, max_len] tensor padded with an
+        # id one past the vocabulary (a dropped extra column).
+        outs = [req.output_token_ids for req in reqs]
+        width = max(1, max(len(o) for o in outs))
+        pad = torch.full((m, width), vocab, dtype=torch.long)
+        for i, o in enumerate(outs):
+            if o:
+                pad[i, : len(o)] = torch.as_tensor(o, dtype=torch.long)
+        pad = pad.to(dev)
+        counts = torch.zeros((m, vocab + 1), dtype=logits.dtype, device=dev)
+        counts.scatter_add_(1, pad, torch.ones(pad.shape, dtype=logits.dtype, device=dev))
+        counts = counts[:, :vocab]
+        row_idx = torch.tensor(rows, dtype=torch.long, device=dev)
+        sub = logits.index_select(0, row_idx)  # [m, V]
+        ps = [req.params for req in reqs]
+        rep_rows = [i for i, p in enumerate(ps) if p.repetition_penalty != 1.0]
+        if rep_rows:
+            prompts = [reqs[i].prompt_token_ids for i in rep_rows]
+            pw = max(1, max(len(t) for t in prompts))
+            ppad = torch.full((m, pw), vocab, dtype=torch.long)
+            for i, t in zip(rep_rows, prompts):
+                if t:
+                    ppad[i, : len(t)] = torch.as_tensor(t, dtype=torch.long)
+            seen = torch.zeros((m, vocab + 1), dtype=torch.bool, device=dev)
+            seen.scatter_(1, ppad.to(dev), True)
+            seen = seen[:, :vocab] | (counts > 0)
+            rp_vals = {ps[i].repetition_penalty for i in rep_rows}
+            if len(rp_vals) == 1:
+                rp = rp_vals.pop()  # a Python scalar, as the per-row code used
+                penalised = torch.where(sub > 0, sub / rp, sub * rp)
+            else:
+                rp = torch.tensor([p.repetition_penalty for p in ps], dtype=sub.dtype, device=dev)[:, None]
+                penalised = torch.where(sub > 0, sub / rp, sub * rp)
+            if len(rep_rows) < m:
+                has_rep = torch.tensor([p.repetition_penalty != 1.0 for p in ps], device=dev)[:, None]
+                seen &= has_rep
+            sub = torch.where(seen, penalised, sub)
+        freq = [p.frequency_penalty for p in ps]
+        pres = [p.presence_penalty for p in ps]
+        if any(f != 0.0 for f in freq) or any(q != 0.0 for q in pres):
+            if len(set(freq)) == 1 and len(set(pres)) == 1:
+                sub = sub - (freq[0] * counts + pres[0] * (counts > 0).to(sub.dtype))
+            else:
+                f = torch.tensor(freq, dtype=sub.dtype, device=dev)[:, None]
+                q = torch.tensor(pres, dtype=sub.dtype, device=dev)[:, None]
+                sub = sub - (f * counts + q * (counts > 0).to(sub.dtype))
+        logits.index_copy_(0, row_idx, sub)
+
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """Sample one token per row (all rows here are non-greedy)."""
         dev = logits.device
-        temp = torch.tensor([max(r.params.temperature, 1e-5) for r in reqs], device=dev)
-        logits = logits / temp[:, None]
+        temps = [max(r.params.temperature, 1e-5) for r in reqs]
+        if len(set(temps)) == 1:
+            if temps[0] != 1.0:
+                logits = logits / torch.tensor(temps[0], device=dev)
+        else:
+            logits = logits / torch.tensor(temps, device=dev)[:, None]
         top_k = [r.params.top_k for r in reqs]
         top_p = [r.params.top_p for r in reqs]
         min_p = [r.params.min_p for r in reqs]
@@ -102,11 +172,24 @@ class Sampler:
         if any(m > 0.0 for m in min_p):
             mp = torch.tensor(min_p, device=dev)[:, None]
             probs = probs.masked_fill(probs < mp * probs.max(dim=-1, keepdim=True).values, 0.0)
-        # Exponential race (argmax p/q, q ~ Exp(1)) == sampling from p; each row draws from its own
-        # generator when seeded, so a seeded request's output does not depend on its batch.
+        # Exponential race (argmax p/q, q ~ Exp(1)) == sampling from p. A seeded row draws from its
+        # own generator, so its output does not depend on its batch; unseeded rows share one
+        # batched draw from the engine's generator.
         q = torch.empty_like(probs)
-        for r, req in enumerate(reqs):
-            q[r].exponential_(generator=req.generator or self.generator)
+        seeded = [r for r, req in enumerate(reqs) if req.generator is not None]
+        if not seeded:
+            q.exponential_(generator=self.generator)
+        else:
+            unseeded = [r for r, req in enumerate(reqs) if req.generator is None]
+            if unseeded:
+                if unseeded == list(range(unseeded[0], unseeded[0] + len(unseeded))):
+                    q[unseeded[0] : unseeded[0] + len(unseeded)].exponential_(generator=self.generator)
+                else:
+                    draw = torch.empty((len(unseeded), probs.shape[1]), dtype=probs.dtype, device=dev)
+                    draw.exponential_(generator=self.generator)
+                    q.index_copy_(0, torch.tensor(unseeded, dtype=torch.long, device=dev), draw)
+            for r in seeded:
+                q[r].exponential_(generator=reqs[r].generator)
         return (probs / q).argmax(dim=-1)
 
 

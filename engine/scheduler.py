@@ -99,16 +99,25 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.block_manager.free_request(req)
         req.num_computed_tokens = 0
+        req.pool_acc = None  # recomputed from the start
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance computed counts, append sampled tokens, finish requests; returns those that got a token."""
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int],
+                           pooled: dict[str, object] | None = None) -> list[Request]:
+        """Advance computed counts, append sampled tokens, finish requests; returns those that got a
+        token, and pooling requests whose prompt is done (finished, their result in ``pooled``)."""
         updated: list[Request] = []
         for req, num_new in out.scheduled:
             req.num_computed_tokens += num_new
+            if req.is_pooling:  # like a prompt with max_tokens=0: done once the prompt is computed
+                if pooled is not None and req.request_id in pooled:
+                    req.status = RequestStatus.FINISHED_STOPPED
+                    updated.append(req)
+                    self._finish(req)
+                continue
             token = sampled.get(req.request_id)
             if token is None:  # a prompt chunk that did not reach the end of the prompt
                 continue

@@ -43,13 +43,13 @@ _NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima: 
 def _write_kv_kernel(
     key_ptr,
     value_ptr,
-    k_cache_ptr,
-    v_cache_ptr,
+    kv_cache_ptr,
     slot_mapping_ptr,
     stride_kt,
     stride_kh,
     stride_vt,
     stride_vh,
+    stride_kv,
     stride_cb,
     stride_cs,
     stride_ch,
@@ -60,6 +60,8 @@ def _write_kv_kernel(
     BLOCK_D: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
+    k_cache_ptr = kv_cache_ptr
+    v_cache_ptr = kv_cache_ptr + stride_kv  # kv_cache[1]
     slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
     if slot < 0:  # vLLM-style padding marker; our runner uses block 0 instead, both are safe
         return
@@ -95,9 +97,6 @@ def _attn_tile(
     stride_kb,
     stride_ks,
     stride_kh,
-    stride_vb,
-    stride_vs,
-    stride_vh,
     PAGE_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -120,7 +119,7 @@ def _attn_tile(
     block_ids = tl.load(bt_row_ptr + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
     in_page = (offs_n % PAGE_SIZE).to(tl.int64)
     k_off = block_ids * stride_kb + in_page * stride_ks + kv_head * stride_kh  # [BLOCK_N]
-    v_off = block_ids * stride_vb + in_page * stride_vs + kv_head * stride_vh
+    v_off = k_off  # keys and values share one layout
     if BLOCK_D == HEAD_DIM:
         k_mask = n_mask[None, :]
         v_mask = n_mask[:, None]
@@ -159,8 +158,7 @@ def _attn_tile(
 @triton.jit
 def _prefill_kernel(
     q_ptr,
-    k_cache_ptr,
-    v_cache_ptr,
+    kv_cache_ptr,
     o_ptr,
     block_tables_ptr,
     query_start_loc_ptr,
@@ -171,12 +169,10 @@ def _prefill_kernel(
     stride_qh,
     stride_ot,
     stride_oh,
+    stride_kv,
     stride_kb,
     stride_ks,
     stride_kh,
-    stride_vb,
-    stride_vs,
-    stride_vh,
     stride_bt,
     PAGE_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -188,6 +184,8 @@ def _prefill_kernel(
     q_tile = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
+    k_cache_ptr = kv_cache_ptr
+    v_cache_ptr = kv_cache_ptr + stride_kv
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     if q_tile * BLOCK_M >= q_len:
@@ -217,13 +215,13 @@ def _prefill_kernel(
     for start_n in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _attn_tile(
             acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, bt_row_ptr, start_n, kv_end, q_pos, kv_head, qk_scale,
-            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            stride_kb, stride_ks, stride_kh,
             PAGE_SIZE, HEAD_DIM, BLOCK_D, BLOCK_N, False, False, IEEE,
         )
     for start_n in range(full_end, kv_end, BLOCK_N):
         acc, l_i, m_i = _attn_tile(
             acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, bt_row_ptr, start_n, kv_end, q_pos, kv_head, qk_scale,
-            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            stride_kb, stride_ks, stride_kh,
             PAGE_SIZE, HEAD_DIM, BLOCK_D, BLOCK_N, True, True, IEEE,
         )
 
@@ -238,8 +236,7 @@ def _prefill_kernel(
 @triton.jit
 def _decode_kernel(
     q_ptr,
-    k_cache_ptr,
-    v_cache_ptr,
+    kv_cache_ptr,
     o_ptr,
     part_acc_ptr,
     part_ml_ptr,
@@ -255,12 +252,10 @@ def _decode_kernel(
     stride_qh,
     stride_ot,
     stride_oh,
+    stride_kv,
     stride_kb,
     stride_ks,
     stride_kh,
-    stride_vb,
-    stride_vs,
-    stride_vh,
     stride_bt,
     PAGE_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -273,6 +268,8 @@ def _decode_kernel(
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    k_cache_ptr = kv_cache_ptr
+    v_cache_ptr = kv_cache_ptr + stride_kv
     seq_len = tl.load(seq_lens_ptr + seq)
     row = tl.load(query_start_loc_ptr + seq).to(tl.int64)
     kv_start = split * partition_size
@@ -293,7 +290,7 @@ def _decode_kernel(
     for start_n in range(kv_start, kv_end, BLOCK_N):
         acc, l_i, m_i = _attn_tile(
             acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, bt_row_ptr, start_n, kv_end, offs_g, kv_head, qk_scale,
-            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            stride_kb, stride_ks, stride_kh,
             PAGE_SIZE, HEAD_DIM, BLOCK_D, BLOCK_N, True, False, IEEE,
         )
 
@@ -360,6 +357,10 @@ def _num_sms(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
+# (num_kv_heads, head_dim) -> (BLOCK_H, BLOCK_D, num_warps) of the KV-cache write
+_WRITE_CFG: dict[tuple[int, int], tuple[int, int, int]] = {}
+
+
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -373,6 +374,11 @@ class TritonBackend(AttentionBackend):
     DECODE_BLOCK_N = 64
     MAX_SPLITS = 128
 
+    def __init__(self) -> None:
+        super().__init__()
+        # (num_seqs, num_kv_heads, max_seq_len, device) -> (num_splits, partition_size)
+        self._splits_cache: dict[tuple, tuple[int, int]] = {}
+
     def kv_cache_shape(
         self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
     ) -> tuple[int, ...]:
@@ -382,31 +388,46 @@ class TritonBackend(AttentionBackend):
     def write_kv(
         self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
     ) -> None:
+        # Called once per layer per step with the GPU otherwise idle: keep the host path short
+        # (no cache slicing, launch constants cached per shape).
         num_tokens, num_kv_heads, head_dim = key.shape
         if num_tokens == 0:
             return
-        key, value = _last_dim_contiguous(key), _last_dim_contiguous(value)
-        k_cache, v_cache = kv_cache[0], kv_cache[1]
-        assert k_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
+        if key.stride(-1) != 1:
+            key = key.contiguous()
+        if value.stride(-1) != 1:
+            value = value.contiguous()
+        cs = kv_cache.stride()
+        assert cs[-1] == 1
+        shape = kv_cache.shape
+        cfg = _WRITE_CFG.get((num_kv_heads, head_dim))
+        if cfg is None:
+            cfg = _WRITE_CFG[(num_kv_heads, head_dim)] = (
+                triton.next_power_of_2(num_kv_heads),
+                triton.next_power_of_2(head_dim),
+                4 if num_kv_heads * head_dim >= 1024 else 2,
+            )
+        ks, vs = key.stride(), value.stride()
         _write_kv_kernel[(num_tokens,)](
-            key, value, k_cache, v_cache, slot_mapping,
-            key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            key, value, kv_cache, slot_mapping,
+            ks[0], ks[1], vs[0], vs[1],
+            cs[0], cs[1], cs[2], cs[3],
             NUM_KV_HEADS=num_kv_heads,
             HEAD_DIM=head_dim,
-            PAGE_SIZE=k_cache.shape[1],
-            BLOCK_H=triton.next_power_of_2(num_kv_heads),
-            BLOCK_D=triton.next_power_of_2(head_dim),
-            num_warps=4 if num_kv_heads * head_dim >= 1024 else 2,
+            PAGE_SIZE=shape[2],
+            BLOCK_H=cfg[0],
+            BLOCK_D=cfg[1],
+            num_warps=cfg[2],
         )
 
     # -- attend ---------------------------------------------------------------------------------
     def attend(
         self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float
     ) -> torch.Tensor:
-        query = _last_dim_contiguous(query)
+        if query.stride(-1) != 1:
+            query = query.contiguous()
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
-        if query.shape[0] == 0 or metadata.num_seqs == 0:
+        if query.shape[0] == 0 or not metadata.seq_lens_cpu:
             return out
         if metadata.max_query_len == 1:
             self._decode(query, kv_cache, metadata, scale, out)
@@ -417,17 +438,17 @@ class TritonBackend(AttentionBackend):
     @staticmethod
     def _common(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata):
         num_heads, head_dim = query.shape[1], query.shape[2]
-        k_cache, v_cache = kv_cache[0], kv_cache[1]
-        num_kv_heads = k_cache.shape[2]
-        assert k_cache.shape[3] == head_dim and k_cache.stride(-1) == 1
+        shape, cs = kv_cache.shape, kv_cache.stride()
+        num_kv_heads = shape[3]
+        assert shape[4] == head_dim and cs[-1] == 1
         assert num_heads % num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads"
-        assert k_cache.shape[1] == metadata.block_size
-        return num_heads, head_dim, num_kv_heads, k_cache, v_cache
+        assert shape[2] == metadata.block_size
+        return num_heads, head_dim, num_kv_heads, cs
 
     def _prefill(self, query, kv_cache, md: AttentionMetadata, scale: float, out: torch.Tensor) -> None:
-        num_heads, head_dim, num_kv_heads, k_cache, v_cache = self._common(query, kv_cache, md)
+        num_heads, head_dim, num_kv_heads, cs = self._common(query, kv_cache, md)
         block_d = max(16, triton.next_power_of_2(head_dim))
-        fp32 = k_cache.dtype == torch.float32
+        fp32 = kv_cache.dtype == torch.float32
         max_q = md.max_query_len
         if max_q <= 16:
             block_m, num_warps = 16, 4
@@ -443,11 +464,10 @@ class TritonBackend(AttentionBackend):
         grid = (triton.cdiv(max_q, block_m), md.num_seqs, num_heads)
         bt = md.block_tables
         _prefill_kernel[grid](
-            query, k_cache, v_cache, out, bt, md.query_start_loc, md.seq_lens,
+            query, kv_cache, out, bt, md.query_start_loc, md.seq_lens,
             scale * _LOG2E, num_heads // num_kv_heads,
             query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            cs[0], cs[1], cs[2], cs[3],
             bt.stride(0),
             PAGE_SIZE=md.block_size,
             HEAD_DIM=head_dim,
@@ -462,6 +482,10 @@ class TritonBackend(AttentionBackend):
     def num_decode_splits(self, num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> tuple[int, int]:
         """(num_splits, partition_size): split the context only when (sequence, kv head) pairs
         alone leave the GPU underused; each split holds a whole number of key tiles."""
+        key = (num_seqs, num_kv_heads, max_seq_len, device)
+        hit = self._splits_cache.get(key)
+        if hit is not None:
+            return hit
         block_n = self.DECODE_BLOCK_N
         tiles = triton.cdiv(max(max_seq_len, 1), block_n)
         pairs = num_seqs * num_kv_heads
@@ -469,16 +493,19 @@ class TritonBackend(AttentionBackend):
         splits = 1 if pairs >= target else min(tiles, triton.cdiv(target, pairs), self.MAX_SPLITS)
         partition = triton.cdiv(tiles, splits) * block_n
         splits = triton.cdiv(max(max_seq_len, 1), partition)
+        if len(self._splits_cache) > 4096:
+            self._splits_cache.clear()
+        self._splits_cache[key] = (splits, partition)
         return splits, partition
 
     def _decode(self, query, kv_cache, md: AttentionMetadata, scale: float, out: torch.Tensor) -> None:
-        num_heads, head_dim, num_kv_heads, k_cache, v_cache = self._common(query, kv_cache, md)
+        num_heads, head_dim, num_kv_heads, cs = self._common(query, kv_cache, md)
         num_seqs = md.num_seqs
         group = num_heads // num_kv_heads
         block_d = max(16, triton.next_power_of_2(head_dim))
         block_g = max(16, triton.next_power_of_2(group))
         block_n = self.DECODE_BLOCK_N if block_d <= 128 else 32
-        fp32 = k_cache.dtype == torch.float32
+        fp32 = kv_cache.dtype == torch.float32
         splits, partition = self.num_decode_splits(num_seqs, num_kv_heads, md.max_seq_len, query.device)
         if block_n != self.DECODE_BLOCK_N:
             partition = triton.cdiv(partition, block_n) * block_n
@@ -490,12 +517,12 @@ class TritonBackend(AttentionBackend):
         else:
             part_acc = part_ml = out  # unused
         bt = md.block_tables
+        qs, os_ = query.stride(), out.stride()
         _decode_kernel[(num_seqs, num_kv_heads, splits)](
-            query, k_cache, v_cache, out, part_acc, part_ml, bt, md.query_start_loc, md.seq_lens,
+            query, kv_cache, out, part_acc, part_ml, bt, md.query_start_loc, md.seq_lens,
             scale * _LOG2E, group, num_heads, partition, splits,
-            query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            qs[0], qs[1], os_[0], os_[1],
+            cs[0], cs[1], cs[2], cs[3],
             bt.stride(0),
             PAGE_SIZE=md.block_size,
             HEAD_DIM=head_dim,
@@ -510,7 +537,7 @@ class TritonBackend(AttentionBackend):
         if splits > 1:
             _decode_reduce_kernel[(num_seqs, num_heads)](
                 out, part_acc, part_ml, md.query_start_loc, num_heads, splits,
-                out.stride(0), out.stride(1),
+                os_[0], os_[1],
                 HEAD_DIM=head_dim,
                 BLOCK_D=block_d,
                 BLOCK_S=triton.next_power_of_2(splits),

@@ -22,7 +22,8 @@ from engine.config import EngineArgs
 
 API_KEY_ENV = "VLMSERVE_API_KEY"
 DTYPE_CHOICES = ["auto", "float32", "float", "fp32", "float16", "half", "fp16", "bfloat16", "bf16"]
-TASK_CHOICES = ["generate", "embedding"]
+TASK_CHOICES = ["generate", "embedding", "embed"]
+POOLING_CHOICES = ["LAST", "MEAN", "CLS"]
 MODALITIES = ("image", "video")
 
 # EngineArgs fields set from flags of the same name (dest == field name).
@@ -30,7 +31,7 @@ _ENGINE_FIELDS = (
     "tokenizer", "revision", "dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
     "enable_chunked_prefill", "block_size", "enable_prefix_caching", "gpu_memory_utilization",
     "cpu_kv_cache_space", "num_gpu_blocks_override", "seed", "trust_remote_code", "attention_backend",
-    "allowed_local_media_path", "max_image_bytes", "max_image_pixels",
+    "allowed_local_media_path", "max_image_bytes", "max_image_pixels", "task", "pooling_type",
 )
 
 
@@ -124,7 +125,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=d.seed, help="random seed")
     g.add_argument("--trust-remote-code", action="store_true", help="allow custom code from the model folder")
     g.add_argument("--task", default="generate", choices=TASK_CHOICES,
-                   help="what the model serves (embedding is accepted and stored; not served yet)")
+                   help="what the model serves: generate (chat/completions) or embedding (/v1/embeddings)")
+    g.add_argument("--pooling-type", default=None, type=str.upper, choices=POOLING_CHOICES,
+                   help="embedding pooling over the prompt's last hidden states (default: LAST)")
     g.add_argument("--limit-mm-per-prompt", type=parse_limit_mm_per_prompt, default=None, metavar="SPEC",
                    help="most multimodal items per prompt: image=2,video=1 or JSON '{\"image\": 2}'")
     g.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
@@ -173,7 +176,6 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         served_model_name=names[0] if names else None,
         limit_mm_per_prompt=dict(getattr(ns, "limit_mm_per_prompt", None) or {}),
         allowed_media_domains=_flat_domains(getattr(ns, "allowed_media_domains", None)),
-        extra={"task": getattr(ns, "task", "generate")},
         **kwargs,
     )
     args.validate()
@@ -216,5 +218,5 @@ def frontend_args_from(ns: argparse.Namespace) -> FrontendArgs:
         served_model_names=list(getattr(ns, "served_model_name", None) or []),
         chat_template=load_chat_template(getattr(ns, "chat_template", None)),
         api_key=getattr(ns, "api_key", None) or os.environ.get(API_KEY_ENV) or None,
-        task=getattr(ns, "task", "generate"),
+        task="embedding" if getattr(ns, "task", "generate") in ("embed", "embedding") else "generate",
     )

@@ -28,7 +28,8 @@ from typing import Any
 
 from engine.config import EngineArgs
 from engine.output_processor import OutputKind
-from engine.outputs import RequestOutput
+from engine.outputs import PoolingRequestOutput, RequestOutput
+from engine.pooling_params import PoolingParams
 from engine.sampling_params import SamplingParams
 from runtime._kserve import kserve
 
@@ -144,6 +145,10 @@ class VLMModel(kserve.Model):
 
     async def _warm_up(self) -> None:
         ids = self.llm.tokenizer("Hello", add_special_tokens=False).input_ids or [0]
+        if self.is_embedding:
+            async for _ in self.llm.encode({"prompt_token_ids": ids}, PoolingParams(), "vlmserve-warmup"):
+                pass
+            return
         params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
         async for _ in self.llm.generate({"prompt_token_ids": ids}, params, "vlmserve-warmup", OutputKind.FINAL_ONLY):
             pass
@@ -169,6 +174,17 @@ class VLMModel(kserve.Model):
     @property
     def max_model_len(self) -> int:
         return self.llm.config.scheduler.max_model_len
+
+    @property
+    def is_embedding(self) -> bool:
+        """Served with --task embedding: /v1/embeddings and v2 ``embedding`` instead of generation."""
+        return self.engine_args.task in ("embed", "embedding")
+
+    @property
+    def embedding_size(self) -> int:
+        """The model's embedding (hidden) size; -1 before the engine is loaded."""
+        llm = self.llm
+        return llm.config.model.hidden_size if llm is not None else -1
 
     @property
     def stats(self) -> Any:
@@ -202,9 +218,10 @@ class VLMModel(kserve.Model):
 
         return await self._in_pool(work)
 
-    async def encode_text(self, text: str) -> EnginePrompt:
-        """Tokenise a completion prompt (with the tokenizer's special tokens, e.g. BOS)."""
-        return await self._in_pool(lambda: EnginePrompt(text, self.llm.tokenizer(text).input_ids))
+    async def encode_text(self, text: str, add_special_tokens: bool = True) -> EnginePrompt:
+        """Tokenise a completion prompt (with the tokenizer's special tokens, e.g. BOS, by default)."""
+        return await self._in_pool(lambda: EnginePrompt(
+            text, self.llm.tokenizer(text, add_special_tokens=add_special_tokens).input_ids))
 
     def encode_token_ids(self, token_ids: list[int]) -> EnginePrompt:
         vocab = self.llm.processor.vocab_size
@@ -247,8 +264,17 @@ class VLMModel(kserve.Model):
             raise RuntimeError(f"model {self.name} is not loaded")
         return self.llm.generate(prompt.to_engine(), params, request_id, kind)
 
+    def encode(self, prompt: EnginePrompt, params: PoolingParams,
+               request_id: str) -> AsyncIterator[PoolingRequestOutput]:
+        """Embed the prompt (an embedding model): one final output; closing the iterator aborts it."""
+        if self.llm is None:
+            raise RuntimeError(f"model {self.name} is not loaded")
+        return self.llm.encode(prompt.to_engine(), params, request_id)
+
     # -- KServe v2 metadata (the Open Inference Protocol for LLMs; served by runtime.v2_*) ---------
     def get_input_types(self) -> list[dict[str, Any]]:
+        if self.is_embedding:
+            return [{"name": "text_input", "datatype": "BYTES", "shape": [-1]}]
         return [
             {"name": "text_input", "datatype": "BYTES", "shape": [1]},
             {"name": "image", "datatype": "BYTES", "shape": [-1]},
@@ -258,6 +284,8 @@ class VLMModel(kserve.Model):
         ]
 
     def get_output_types(self) -> list[dict[str, Any]]:
+        if self.is_embedding:
+            return [{"name": "embedding", "datatype": "FP32", "shape": [-1, self.embedding_size]}]
         return [
             {"name": "text_output", "datatype": "BYTES", "shape": [-1]},
             {"name": "finish_reason", "datatype": "BYTES", "shape": [-1]},

@@ -10,6 +10,7 @@ carrying the HTTP status and an OpenAI-shaped body. No HTTP and no model-specifi
 from __future__ import annotations
 
 import asyncio
+import base64
 import math
 import time
 import uuid
@@ -19,7 +20,8 @@ from typing import Any
 
 from engine.media import MediaError
 from engine.output_processor import OutputKind
-from engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from engine.outputs import CompletionOutput, EngineOutputError, PositionLogprobs, RequestOutput
+from engine.pooling_params import PoolingParams
 from engine.sampling_params import SamplingParams
 from runtime._kserve import kserve
 from runtime.model import EnginePrompt, PromptError, VLMModel
@@ -37,6 +39,10 @@ from runtime.openai_protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    EmbeddingData,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbeddingUsage,
     ErrorInfo,
     ErrorResponse,
     ImageContentPart,
@@ -245,6 +251,17 @@ class OpenAIDataPlane:
 
     # -- shared checks ---------------------------------------------------------------------------
     @staticmethod
+    def _check_task(model: VLMModel, name: str, embedding: bool) -> None:
+        """An embedding model serves only /v1/embeddings; a generative one everything else."""
+        if embedding and not model.is_embedding:
+            raise bad_request(f"The model `{name}` does not support embeddings: it is served with --task generate "
+                              "(start the server with --task embedding to serve /v1/embeddings)", "model",
+                              "model_not_supported")
+        if not embedding and model.is_embedding:
+            raise bad_request(f"The model `{name}` is an embedding model (--task embedding): it does not support "
+                              "chat or text completions; use /v1/embeddings", "model", "model_not_supported")
+
+    @staticmethod
     def _sampling_params(req: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
         problem = req.unsupported()
         if problem is not None:
@@ -309,6 +326,7 @@ class OpenAIDataPlane:
         self, req: ChatCompletionRequest
     ) -> ChatCompletionResponse | AsyncIterator[ChatCompletionChunk]:
         name, model = self.resolve(req.model)
+        self._check_task(model, name, embedding=False)
         params = self._sampling_params(req)
         messages = []
         for m in req.messages:
@@ -364,6 +382,7 @@ class OpenAIDataPlane:
     # -- completions -----------------------------------------------------------------------------
     async def create_completion(self, req: CompletionRequest) -> CompletionResponse | AsyncIterator[CompletionChunk]:
         name, model = self.resolve(req.model)
+        self._check_task(model, name, embedding=False)
         params = self._sampling_params(req)
         prompts = []
         try:
@@ -411,3 +430,73 @@ class OpenAIDataPlane:
         if include_usage:
             yield CompletionChunk(id=rid, created=created, model=name, choices=[],
                                   usage=self._usage(sum(prompt_tokens.values()), completion_tokens))
+
+    # -- embeddings ------------------------------------------------------------------------------
+    async def create_embedding(self, req: EmbeddingRequest) -> EmbeddingResponse:
+        """OpenAI's embeddings (``input``: texts or token-id lists) or vLLM's chat form
+        (``messages``, the chat template applied, images allowed)."""
+        name, model = self.resolve(req.model)
+        self._check_task(model, name, embedding=True)
+        problem = req.problem()
+        if problem is not None:
+            raise bad_request(problem[1], problem[0])
+        size = model.embedding_size
+        if req.dimensions is not None and req.dimensions > size:
+            raise bad_request(f"dimensions: {req.dimensions} is more than the model's embedding size ({size})",
+                              "dimensions")
+        params = PoolingParams(normalize=True if req.normalize is None else req.normalize, dimensions=req.dimensions)
+        prompts: list[EnginePrompt] = []
+        what = "messages" if req.messages is not None else "input"
+        try:
+            if req.messages is not None:
+                self._check_images(model, req)
+                messages = []
+                for m in req.messages:
+                    msg = m.model_dump()
+                    if msg.get("name") is None:
+                        msg.pop("name", None)
+                    messages.append(msg)
+                prompts.append(await model.render_chat(messages, req.add_generation_prompt))
+            else:
+                special = True if req.add_special_tokens is None else req.add_special_tokens
+                for p in req.inputs():
+                    prompts.append(await model.encode_text(p, special) if isinstance(p, str)
+                                   else model.encode_token_ids(p))
+        except ValueError as exc:
+            raise _from_value_error(exc, what) from exc
+        limit = model.max_model_len
+        for p in prompts:
+            n = len(p.token_ids)
+            if n == 0:
+                raise bad_request(f"{what}: the input is empty after tokenisation", what)
+            if n > limit:
+                raise bad_request(f"{what}: the input is {n} tokens long, but this model's maximum context length "
+                                  f"(max_model_len) is {limit} tokens; shorten the input", what,
+                                  "context_length_exceeded")
+        rid = f"embd-{uuid.uuid4().hex}"
+        streams = [model.encode(p, params, f"{rid}-{i}") for i, p in enumerate(prompts)]
+        finals: list[Any] = [None] * len(prompts)
+        try:
+            async with aclosing(merge_streams(streams)) as merged:
+                async for i, out in merged:
+                    finals[i] = out
+        except EngineOutputError as exc:
+            raise OpenAIError(500, str(exc), type="internal_server_error", code="invalid_output") from exc
+        except ValueError as exc:
+            raise _from_value_error(exc, what) from exc
+        data = []
+        for i, out in enumerate(finals):
+            values = out.outputs.embedding
+            if not all(math.isfinite(x) for x in values):  # never write NaN / inf into JSON
+                raise OpenAIError(500, "the model produced a non-finite embedding (NaN or inf)",
+                                  type="internal_server_error", code="invalid_output")
+            if req.encoding_format == "base64":
+                import numpy as np
+
+                emb: list[float] | str = base64.b64encode(np.asarray(values, dtype="<f4").tobytes()).decode("ascii")
+            else:
+                emb = values
+            data.append(EmbeddingData(index=i, embedding=emb))
+        tokens = sum(len(out.prompt_token_ids) for out in finals)
+        return EmbeddingResponse(id=rid, model=name, data=data,
+                                 usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))

@@ -203,6 +203,46 @@ class CompletionRequest(_SamplingRequest):
         return self._sampling_params(self.max_tokens, self.logprobs)
 
 
+class EmbeddingRequest(OpenAIBaseModel):
+    """OpenAI's embeddings request, plus vLLM's chat form: ``messages`` instead of ``input`` (the
+    chat template is applied; images allowed as in chat)."""
+
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]] | None = None
+    messages: list[ChatMessage] | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    # vLLM extensions
+    normalize: bool | None = None
+    add_generation_prompt: bool = False  # chat form: vLLM's default for embeddings
+    add_special_tokens: bool | None = None  # default: True for input, False for messages
+
+    def problem(self) -> tuple[str, str] | None:
+        """(param, message) when the request is malformed, else None."""
+        if (self.input is None) == (self.messages is None):
+            return ("input", "give exactly one of 'input' or 'messages'")
+        if self.messages is not None and not self.messages:
+            return ("messages", "must not be empty")
+        if isinstance(self.input, list) and not self.input:
+            return ("input", "must not be an empty list")
+        if isinstance(self.input, list) and any(isinstance(x, list) and not x for x in self.input):
+            return ("input", "token-id lists must not be empty")
+        if self.dimensions is not None and self.dimensions <= 0:
+            return ("dimensions", f"must be a positive integer, got {self.dimensions}")
+        return None
+
+    def inputs(self) -> list[str | list[int]]:
+        """``input`` as a list of texts or token-id lists."""
+        p = self.input
+        if isinstance(p, str):
+            return [p]
+        assert p is not None
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]  # one input given as token ids
+        return list(p)
+
+
 # ---------------------------------------------------------------------------------------------
 # Responses
 # ---------------------------------------------------------------------------------------------
@@ -308,6 +348,26 @@ class CompletionResponse(OpenAIBaseModel):
 
 # A streamed completion chunk has the same shape as the full response.
 CompletionChunk = CompletionResponse
+
+
+class EmbeddingData(OpenAIBaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # floats, or base64 of little-endian float32 bytes
+
+
+class EmbeddingUsage(OpenAIBaseModel):
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+
+
+class EmbeddingResponse(OpenAIBaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=_now)
+    model: str
+    data: list[EmbeddingData]
+    usage: EmbeddingUsage
 
 
 class ModelCard(OpenAIBaseModel):

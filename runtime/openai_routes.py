@@ -1,7 +1,7 @@
 """OpenAI-compatible HTTP routes (the transport layer) on KServe's FastAPI app.
 
 ``register_openai_routes(app, dataplane)`` mounts, under ``/v1`` and ``/openai/v1``:
-``POST chat/completions``, ``POST completions``, ``GET models``, ``GET models/{id}``.
+``POST chat/completions``, ``POST completions``, ``POST embeddings``, ``GET models``, ``GET models/{id}``.
 
 This layer only parses JSON into the protocol models, calls the ``OpenAIDataPlane``, and writes
 JSON or server-sent events. Errors are answered in OpenAI's shape
@@ -25,7 +25,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
 from runtime.openai_dataplane import OpenAIDataPlane, OpenAIError, bad_request
-from runtime.openai_protocol import ChatCompletionRequest, CompletionRequest
+from runtime.openai_protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 logger = logging.getLogger("vlmserve.openai")
 
@@ -177,6 +177,13 @@ def build_openai_router(dataplane: OpenAIDataPlane) -> APIRouter:
 
         return await _handle(request, call)
 
+    async def embeddings(request: Request) -> Response:
+        async def call() -> Response:
+            req = await parse_request(request, EmbeddingRequest)
+            return json_response(await dataplane.create_embedding(req))
+
+        return await _handle(request, call)
+
     async def list_models() -> Response:
         return json_response(dataplane.list_models())
 
@@ -188,6 +195,7 @@ def build_openai_router(dataplane: OpenAIDataPlane) -> APIRouter:
 
     router.add_api_route("/chat/completions", chat_completions, methods=["POST"])
     router.add_api_route("/completions", completions, methods=["POST"])
+    router.add_api_route("/embeddings", embeddings, methods=["POST"])
     router.add_api_route("/models", list_models, methods=["GET"])
     router.add_api_route("/models/{model_id:path}", get_model, methods=["GET"])
     return router

@@ -46,8 +46,6 @@ def launch(ns: argparse.Namespace, model_name: str, config) -> int:
         print(f"vlmserve: error: {exc}", file=sys.stderr)
         return 2
     config.api_key = frontend.api_key
-    if frontend.task != "generate":
-        logger.warning("--task %s is accepted but not served yet; only the generate routes exist", frontend.task)
     return serve(build_model(model_name, engine_args, frontend), config)
 
 

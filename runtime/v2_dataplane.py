@@ -19,6 +19,9 @@ Inputs (names and types as the Triton vLLM backend, declared in ``VLMModel.get_i
 * the vLLM backend's ``return_*`` BOOL flags are accepted and ignored (every output is
   available; the request's ``outputs`` list selects).
 
+An embedding model (``--task embedding``) takes ``text_input`` BYTES [N] only and answers
+``embedding`` FP32 [N, dims] (``V2DataPlane.embed``).
+
 Outputs: ``text_output`` BYTES, ``finish_reason`` BYTES, ``num_input_tokens`` INT32,
 ``num_output_tokens`` INT32 (each shape [1]). A streamed response carries ``text_output`` and
 ``num_output_tokens`` of its piece; the last one also ``finish_reason`` and ``num_input_tokens``.
@@ -37,12 +40,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.output_processor import OutputKind
+from engine.outputs import EngineOutputError
+from engine.pooling_params import PoolingParams
 from engine.sampling_params import SamplingParams
 from runtime._kserve import kserve
 from runtime.model import EnginePrompt, PromptError, VLMModel
 from runtime.v2_codec import DecodedRequest, Tensor, V2Error
 
 OUTPUT_NAMES = ("text_output", "finish_reason", "num_input_tokens", "num_output_tokens")
+EMBEDDING_OUTPUT_NAMES = ("embedding",)
 _IGNORED_INPUTS = frozenset({"return_finish_reason", "return_cumulative_logprob", "return_logprobs",
                              "return_num_input_tokens", "return_num_output_tokens"})
 _SAMPLING_TYPES: dict[str, type] = {
@@ -238,10 +244,49 @@ class V2DataPlane:
         return model
 
     @staticmethod
-    def check_outputs(req: DecodedRequest) -> None:
+    def check_outputs(req: DecodedRequest, model: VLMModel | None = None) -> None:
+        names = EMBEDDING_OUTPUT_NAMES if model is not None and model.is_embedding else OUTPUT_NAMES
         for o in req.outputs or ():
-            if o.name not in OUTPUT_NAMES:
-                raise V2Error(f"unexpected output '{o.name}' (the model gives {', '.join(OUTPUT_NAMES)})")
+            if o.name not in names:
+                raise V2Error(f"unexpected output '{o.name}' (the model gives {', '.join(names)})")
+
+    async def embed(self, model: VLMModel, req: DecodedRequest) -> list[Tensor]:
+        """An embedding model's infer: ``text_input`` BYTES [N] -> ``embedding`` FP32 [N, dims]
+        (L2-normalised, as /v1/embeddings by default)."""
+        self.check_outputs(req, model)
+        names = [t.name for t in req.inputs]
+        if names != ["text_input"]:
+            extra = sorted(set(names) - {"text_input"})
+            raise V2Error(f"unexpected input '{extra[0]}' (an embedding model takes text_input only)" if extra
+                          else "input 'text_input' is required (BYTES, shape [-1]), once")
+        t = req.inputs[0]
+        if t.datatype != "BYTES":
+            raise V2Error(f"input 'text_input': expected datatype BYTES, got {t.datatype}")
+        if not t.data:
+            raise V2Error("input 'text_input': needs at least one element")
+        prompts = []
+        for value in t.data:
+            prompt = await model.encode_text(_utf8("text_input", value))
+            n, limit = len(prompt.token_ids), model.max_model_len
+            if n == 0 or n > limit:
+                raise V2Error(f"input 'text_input': the prompt is {n} tokens long; it must be 1..{limit} "
+                              "(max_model_len)")
+            prompts.append(prompt)
+        rid = f"v2-embd-{uuid.uuid4().hex}"
+        rows: list[list[float]] = []
+        try:
+            for i, prompt in enumerate(prompts):
+                async with aclosing(model.encode(prompt, PoolingParams(), f"{rid}-{i}")) as outs:
+                    async for out in outs:
+                        rows.append(out.outputs.embedding)
+        except EngineOutputError as exc:
+            raise V2Error(str(exc), 500) from exc
+        except ValueError as exc:
+            raise V2Error(str(exc)) from exc
+        if len(rows) != len(prompts) or not all(math.isfinite(x) for r in rows for x in r):
+            raise V2Error("the engine returned no (or a non-finite) embedding", 500)
+        dims = len(rows[0])
+        return [Tensor("embedding", "FP32", [len(rows), dims], [x for r in rows for x in r])]
 
     @staticmethod
     async def prompt(model: VLMModel, req: GenerateRequest) -> EnginePrompt:
@@ -263,6 +308,9 @@ class V2DataPlane:
         """Pieces of the generation: one (the whole text) unless ``req.stream``; the last piece
         has ``finish_reason``. Engine errors found when the request is taken raise V2Error before
         anything is yielded; closing the iterator aborts the engine request."""
+        if model.is_embedding:
+            raise V2Error(f"model {model.name} is an embedding model (--task embedding): use infer with "
+                          "text_input to get its 'embedding' output")
         prompt = await self.prompt(model, req)
         rid = f"v2-{uuid.uuid4().hex}"
         kind = OutputKind.DELTA if req.stream else OutputKind.FINAL_ONLY

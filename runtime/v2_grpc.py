@@ -97,6 +97,14 @@ class V2InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         try:
+            model = self._v2.resolve(request.model_name)
+            if model.is_embedding:
+                tensors = await self._v2.embed(model, decode_grpc_request(request))
+                return encode_grpc_response(pb, request.model_name, request.model_version or DEFAULT_VERSION,
+                                            request.id, tensors, None)
+        except V2Error as err:
+            raise grpc_error(err) from err
+        try:
             model, decoded, req = self._prepare(request, allow_stream=False)
             piece = await self._v2.infer(model, req)
         except V2Error as err:

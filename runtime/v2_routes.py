@@ -123,11 +123,14 @@ def build_v2_router(dataplane: V2DataPlane) -> APIRouter:
             model = dataplane.resolve(model_name)
             headers = {k.lower(): v for k, v in request.headers.items()}
             decoded = decode_rest_request(await request.body(), headers)
-            dataplane.check_outputs(decoded)
-            req = parse_request(decoded, allow_stream=False)
-            piece = await dataplane.infer(model, req)
-            wanted = [o.name for o in decoded.outputs] if decoded.outputs is not None else None
-            tensors = output_tensors(piece, wanted)
+            if model.is_embedding:
+                tensors = await dataplane.embed(model, decoded)
+            else:
+                dataplane.check_outputs(decoded)
+                req = parse_request(decoded, allow_stream=False)
+                piece = await dataplane.infer(model, req)
+                wanted = [o.name for o in decoded.outputs] if decoded.outputs is not None else None
+                tensors = output_tensors(piece, wanted)
             flags = {o.name: o.binary for o in decoded.outputs or ()}
             binary = [flags.get(t.name) if flags.get(t.name) is not None else decoded.binary_default
                       for t in tensors]

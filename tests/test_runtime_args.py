@@ -28,7 +28,7 @@ def test_serve_defaults_and_engine_args(tmp_path):
     ns = _parse("some/model")
     assert (ns.model, ns.host, ns.port, ns.grpc_port) == ("some/model", "0.0.0.0", 8000, 8081)
     ea = engine_args_from(ns)
-    assert ea == EngineArgs(model="some/model", extra={"task": "generate"})
+    assert ea == EngineArgs(model="some/model", task="generate")
 
     ns = _parse("m", "--dtype", "bfloat16", "--max_model_len", "512", "--max-num-seqs", "8", "--block-size", "32",
                 "--no-enable-prefix-caching", "--seed", "7", "--trust-remote-code", "--served-model-name", "a", "b",
@@ -39,7 +39,7 @@ def test_serve_defaults_and_engine_args(tmp_path):
         "bfloat16", 512, 8, 32, False, 7)
     assert ea.trust_remote_code and ea.served_model_name == "a" and ea.max_num_batched_tokens == 64
     assert ea.limit_mm_per_prompt == {"image": 2} and ea.allowed_media_domains == ["x.org", "y.org", "z.org"]
-    assert ea.allowed_local_media_path == str(tmp_path) and ea.extra["task"] == "embedding"
+    assert ea.allowed_local_media_path == str(tmp_path) and ea.task == "embedding"
     fe = frontend_args_from(ns)
     assert fe.served_model_names == ["a", "b"] and fe.task == "embedding"
 

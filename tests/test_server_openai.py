@@ -34,7 +34,7 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, model_dir: Path, log_path: Path) -> None:
+    def __init__(self, model_dir: Path, log_path: Path, extra_args: tuple[str, ...] = ()) -> None:
         self.port, self.grpc_port = _free_port(), _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -42,7 +42,7 @@ class Server:
         cmd = [sys.executable, "-m", "runtime", "--model_name=tiny", f"--model_dir={model_dir}",
                "--http_port", str(self.port), "--grpc_port", str(self.grpc_port), "--host", "127.0.0.1",
                "--served-model-name", "tiny-alias", "--dtype", "float32", "--device", "cpu",
-               "--max_model_len", str(MAX_MODEL_LEN), "--graceful_shutdown_timeout", "20"]
+               "--max_model_len", str(MAX_MODEL_LEN), "--graceful_shutdown_timeout", "20", *extra_args]
         self.log = open(log_path, "w")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.saw_not_ready = False
@@ -260,6 +260,11 @@ def test_bad_inputs_get_openai_errors(server, client):
           "max_model_len", str(MAX_MODEL_LEN))
     check(_post(server, "/v1/chat/completions", chat, headers={"Authorization": "Bearer wrong"}), 401, "API key")
     check(_post(server, "/v1/chat/completions", chat, headers={}), 401, "API key")
+
+    # A generative model does not serve embeddings.
+    check(_post(server, "/v1/embeddings", {"model": "tiny", "input": "hi"}), 400, "does not support embeddings")
+    with pytest.raises(openai.BadRequestError, match="does not support embeddings"):
+        client.embeddings.create(model="tiny", input=["hi"])
 
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=-1)

@@ -19,10 +19,14 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Same order of operations as HF's LlamaRMSNorm (normalise in fp32, scale in input dtype).
+        # F.rms_norm without a weight upcasts to fp32, multiplies by rsqrt(mean(x^2) + eps) and
+        # casts back: HF's op sequence in one call (bit-identical on CPU). fp32 on CUDA keeps the
+        # op-by-op form so that fp32 GPU runs stay bit-equal to HF's reduction order.
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        if dtype == torch.float32 and x.is_cuda:
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+            return self.weight * x
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
 class MergedLinear(nn.Linear):
@@ -75,6 +79,16 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", (emb.sin() * scaling), persistent=False)
         self.rot_dim = emb.shape[-1]
 
+    def table(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, signed sin [N, 1, rot_dim] in ``dtype``: computed once per forward, shared by all layers."""
+        cos = self.cos[positions].to(dtype)[:, None, :]
+        sin = self.sin[positions].to(dtype)[:, None, :]
+        return cos, _sign_sin(sin)
+
+    def apply(self, x: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x: [N, heads, D] (q and k heads together) rotated by a ``table`` result."""
+        return _apply_rotary_signed(x, table[0], table[1], self.rot_dim)
+
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [N]; q: [N, H, D]; k: [N, Hkv, D]
         cos = self.cos[positions].to(q.dtype)[:, None, :]
@@ -85,6 +99,26 @@ class RotaryEmbedding(nn.Module):
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def _sign_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin with its first half negated: rotate_half(x) * sin == swap_halves(x) * sign_sin exactly
+    (negation is exact in IEEE arithmetic), which saves the negation kernel in every layer."""
+    s1, s2 = sin.chunk(2, dim=-1)
+    return torch.cat((-s1, s2), dim=-1)
+
+
+def _swap_halves(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x2, x1), dim=-1)
+
+
+def _apply_rotary_signed(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, rot_dim: int) -> torch.Tensor:
+    """Same values as ``_apply_rotary(x, cos, sin, rot_dim)`` given ``sin_signed = _sign_sin(sin)``."""
+    if rot_dim == x.shape[-1]:
+        return x * cos + _swap_halves(x) * sin_signed
+    rot, rest = x[..., :rot_dim], x[..., rot_dim:]
+    return torch.cat((rot * cos + _swap_halves(rot) * sin_signed, rest), dim=-1)
 
 
 def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot_dim: int) -> torch.Tensor:

@@ -27,7 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.layers import _apply_rotary, _rope_inv_freq, _rotate_half, activation
+from engine.models.layers import (
+    _apply_rotary,
+    _apply_rotary_signed,
+    _rope_inv_freq,
+    _sign_sin,
+    _swap_halves,
+    activation,
+)
 from engine.models.llama import _STACKED, LlamaModel
 from kernels import AttentionBackend, AttentionMetadata
 
@@ -91,25 +98,30 @@ class VisionAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=True)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: Sequence[tuple[int, int]]
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, runs: Sequence[tuple[int, int, int, int]]
     ) -> torch.Tensor:
-        # x: [P, dim]; cos/sin: [P, head_dim] fp32; segments: (num_frames, patches_per_frame) per item
+        # x: [P, dim]; cos, sin: [P, 1, 1, head_dim] fp32, sin signed (``_sign_sin``);
+        # runs: (first row, end row, frames, patches per frame) of consecutive equal-size frames
         n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
-        dtype = q.dtype
-        cos, sin = cos[:, None, :], sin[:, None, :]
-        q = (q.float() * cos + _rotate_half(q.float()) * sin).to(dtype)
-        k = (k.float() * cos + _rotate_half(k.float()) * sin).to(dtype)
-        out = torch.empty_like(q)
-        start = 0
-        for frames, length in segments:
-            # All frames of an item have the same length: one batched SDPA call, frame = batch row.
-            end = start + frames * length
+        qkv = self.qkv(x).view(n, 3, self.num_heads, self.head_dim)
+        dtype = qkv.dtype
+        # HF rotates q and k in fp32 and casts back; q and k are rotated together here.
+        qk = qkv[:, :2].float()
+        qk = (qk * cos + _swap_halves(qk) * sin).to(dtype)  # [P, 2, H, D]
+        q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]
+        if len(runs) == 1:
+            _, _, frames, length = runs[0]
+            o = F.scaled_dot_product_attention(
+                *(t.view(frames, length, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+            )  # [frames, H, length, D]
+            return self.proj(o.transpose(1, 2).reshape(n, -1))
+        out = torch.empty((n, self.num_heads, self.head_dim), dtype=dtype, device=x.device)
+        for start, end, frames, length in runs:
+            # Frames of equal length (of one or several items): one batched SDPA, frame = batch row.
             qs, ks, vs = (t[start:end].view(frames, length, self.num_heads, self.head_dim).transpose(1, 2)
                           for t in (q, k, v))
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=False)  # [frames, H, length, D]
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=False)
             out[start:end] = o.transpose(1, 2).reshape(end - start, self.num_heads, self.head_dim)
-            start = end
         return self.proj(out.view(n, -1))
 
 
@@ -133,9 +145,27 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(dim, config.num_heads)
         self.mlp = VisionMLP(dim, int(dim * config.mlp_ratio), config.hidden_act)
 
-    def forward(self, x, cos, sin, segments):
-        x = x + self.attn(self.norm1(x), cos, sin, segments)
+    def forward(self, x, cos, sin, runs):
+        x = x + self.attn(self.norm1(x), cos, sin, runs)
         return x + self.mlp(self.norm2(x))
+
+
+def _frame_runs(grid: Sequence[Sequence[int]]) -> list[tuple[int, int, int, int]]:
+    """(first row, end row, frames, patches per frame) of consecutive frames of equal size, over
+    all items: attention never crosses a frame, and equal-size frames share one SDPA call."""
+    runs: list[list[int]] = []
+    start = 0
+    for t, h, w in grid:
+        length = h * w
+        if t * length == 0:
+            continue
+        if runs and runs[-1][3] == length:
+            runs[-1][1] += t * length
+            runs[-1][2] += t
+        else:
+            runs.append([start, start + t * length, t, length])
+        start += t * length
+    return [tuple(r) for r in runs]
 
 
 class PatchMerger(nn.Module):
@@ -189,9 +219,10 @@ class Qwen2VisionTransformer(nn.Module):
             raise ValueError(f"qwen2_vl: {pixel_values.shape[0]} patches do not match grid_thw {grid} ({total})")
         x = self.patch_embed(pixel_values)
         cos, sin = self.rotary(grid, x.device)
-        segments = [(t, h * w) for t, h, w in grid]
+        cos, sin = cos[:, None, None, :], _sign_sin(sin)[:, None, None, :]  # once for all blocks
+        runs = _frame_runs(grid)
         for blk in self.blocks:
-            x = blk(x, cos, sin, segments)
+            x = blk(x, cos, sin, runs)
         return self.merger(x)
 
 
@@ -358,6 +389,15 @@ class MRotaryEmbedding(nn.Module):
             cos, sin = cos * self.scaling, sin * self.scaling
         return cos.to(dtype), sin.to(dtype)
 
+    def table(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, signed sin [N, 1, head_dim] in ``dtype``: computed once per forward, shared by all layers."""
+        cos, sin = self.cos_sin(positions, dtype)
+        return cos[:, None, :], _sign_sin(sin)[:, None, :]
+
+    def apply(self, x: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x: [N, heads, D] (q and k heads together) rotated by a ``table`` result."""
+        return _apply_rotary_signed(x, table[0], table[1], self.head_dim)
+
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [3, N]; q: [N, H, D]; k: [N, Hkv, D]
         cos, sin = self.cos_sin(positions, q.dtype)
@@ -473,6 +513,55 @@ class Qwen2VLForConditionalGeneration(nn.Module):
             raise ValueError(f"qwen2_vl: unsupported modality {modality!r}; expected 'image' or 'video'")
         device = self.visual.patch_embed.proj.weight.device
         return self.visual(pixels.to(device=device, dtype=self.visual.dtype), grid)
+
+    # Patches per vision-tower pass in ``embed_multimodal_batch`` (bounds activation memory:
+    # roughly 40 KB per patch at Qwen2-VL-2B's width in bf16).
+    max_patches_per_pass = 32768
+
+    def embed_multimodal_batch(self, modality: str, items: Sequence[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """``embed_multimodal`` of several items at once: one vision-tower pass over as many of
+        them as fit ``max_patches_per_pass`` (attention stays within each image / frame).
+
+        items: one data dict per item (as ``embed_multimodal`` takes); returns one
+        [num_tokens_i, hidden] tensor per dict, in order. Dicts with precomputed embeddings are
+        returned as they are.
+        """
+        if modality == "image":
+            emb_key, pix_key, grid_key = "image_embeds", "pixel_values", "image_grid_thw"
+        elif modality == "video":
+            emb_key, pix_key, grid_key = "video_embeds", "pixel_values_videos", "video_grid_thw"
+        else:
+            raise ValueError(f"qwen2_vl: unsupported modality {modality!r}; expected 'image' or 'video'")
+        out: list[torch.Tensor | None] = [None] * len(items)
+        todo: list[tuple[int, torch.Tensor, list[list[int]]]] = []
+        for i, data in enumerate(items):
+            if data.get(emb_key) is not None:
+                out[i] = data[emb_key]
+            else:
+                todo.append((i, data[pix_key], _grid_list(data[grid_key])))
+        device = self.visual.patch_embed.proj.weight.device
+        dtype = self.visual.dtype
+        chunk: list[tuple[int, torch.Tensor, list[list[int]]]] = []
+        patches = 0
+
+        def flush() -> None:
+            pixels = torch.cat([p.to(device=device, dtype=dtype) for _, p, _ in chunk])
+            grid = [g for _, _, gs in chunk for g in gs]
+            enc = self.visual(pixels, grid)
+            sizes = [sum(num_mm_tokens(gs, self.spatial_merge_size)) for _, _, gs in chunk]
+            for (i, _, _), e in zip(chunk, enc.split(sizes)):
+                out[i] = e
+
+        for item in todo:
+            n = item[1].shape[0]
+            if chunk and patches + n > self.max_patches_per_pass:
+                flush()
+                chunk, patches = [], 0
+            chunk.append(item)
+            patches += n
+        if chunk:
+            flush()
+        return out  # type: ignore[return-value]
 
     def get_mrope_positions(self, input_ids, image_grid_thw=None, video_grid_thw=None, second_per_grid_ts=None):
         return get_mrope_positions(input_ids, image_grid_thw, video_grid_thw, self.config, second_per_grid_ts)
