@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -22,7 +22,12 @@ from engine.config import EngineArgs
 from engine.core_process import recv_msg, send_msg, start_core_process
 from engine.engine_core import EngineStats
 from engine.output_processor import OutputKind, OutputProcessor
-from engine.outputs import EngineOutputError, PoolingRequestOutput, RequestError, RequestOutput
+from engine.outputs import (
+    EngineOutputError,
+    PoolingRequestOutput,
+    RequestError,
+    RequestOutput,
+)
 from engine.pooling_params import PoolingParams
 from engine.processor import InputProcessor, PromptType, load_tokenizer, split_children
 from engine.sampling_params import SamplingParams

@@ -7,8 +7,8 @@ The offline ``LLM`` drives it in-process; ``AsyncLLM`` runs it in a child proces
 from __future__ import annotations
 
 import time
-from typing import Any
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig

@@ -14,7 +14,12 @@ from engine.config import EngineArgs
 from engine.engine_core import EngineCore
 from engine.media import MediaLoader
 from engine.output_processor import OutputKind, OutputProcessor
-from engine.outputs import EngineOutputError, PoolingRequestOutput, RequestError, RequestOutput
+from engine.outputs import (
+    EngineOutputError,
+    PoolingRequestOutput,
+    RequestError,
+    RequestOutput,
+)
 from engine.pooling_params import PoolingParams
 from engine.processor import InputProcessor, PromptType, load_tokenizer, split_children
 from engine.request import EngineRequest

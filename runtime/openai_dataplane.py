@@ -20,7 +20,12 @@ from typing import Any
 
 from engine.media import MediaError
 from engine.output_processor import OutputKind
-from engine.outputs import CompletionOutput, EngineOutputError, PositionLogprobs, RequestOutput
+from engine.outputs import (
+    CompletionOutput,
+    EngineOutputError,
+    PositionLogprobs,
+    RequestOutput,
+)
 from engine.pooling_params import PoolingParams
 from engine.sampling_params import SamplingParams
 from runtime._kserve import kserve

@@ -25,7 +25,11 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
 from runtime.openai_dataplane import OpenAIDataPlane, OpenAIError, bad_request
-from runtime.openai_protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from runtime.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+)
 
 logger = logging.getLogger("vlmserve.openai")
 
