@@ -192,12 +192,16 @@ class ModelRunner:
         return out
 
     def _merge_multimodal(self, batch: ForwardBatch) -> torch.Tensor:
-        """Token embeddings with each covered item's encoder rows written over its placeholders."""
+        """Token embeddings with each covered item's encoder rows written over its placeholders.
+
+        Items not in the encoder cache are encoded once, all of a modality in one vision-tower pass
+        when the model can batch them (launch overhead dominates per-image passes on a GPU)."""
         embeds = self.model.get_input_embeddings(batch.input_ids)  # [N, hidden]
+        fresh = self._encode_missing(batch)
         for request_id, f, lo, hi, row in batch.mm_slices:
             enc = self.encoder_cache.get(f.identifier, request_id)
-            if enc is None:  # first chunk touching this item: run the vision tower once
-                enc = self.model.embed_multimodal(f.modality, {k: v.to(self.device) for k, v in f.data.items()})
+            if enc is None:  # first chunk touching this item
+                enc = fresh[f.identifier]
                 if enc.shape[0] != f.length:
                     raise ValueError(
                         f"multi_modal_data: {f.modality} item yields {enc.shape[0]} embeddings "
@@ -206,6 +210,24 @@ class ModelRunner:
                 self.encoder_cache.put(f.identifier, request_id, enc)
             embeds[row : row + hi - lo] = enc[lo:hi].to(embeds.dtype)
         return embeds
+
+    def _encode_missing(self, batch: ForwardBatch) -> dict[str, torch.Tensor]:
+        """identifier -> encoder output [rows, hidden] for this step's items not yet cached."""
+        todo: dict[str, dict[str, MultiModalFeature]] = {}  # modality -> identifier -> feature
+        for _, f, _, _, _ in batch.mm_slices:
+            if f.identifier not in self.encoder_cache.entries:
+                todo.setdefault(f.modality, {}).setdefault(f.identifier, f)
+        fresh: dict[str, torch.Tensor] = {}
+        batched = getattr(self.model, "embed_multimodal_batch", None)
+        for modality, feats in todo.items():
+            items = list(feats.values())
+            inputs = [{k: v.to(self.device) for k, v in f.data.items()} for f in items]
+            if batched is not None and len(items) > 1:
+                outs = batched(modality, inputs)
+            else:
+                outs = [self.model.embed_multimodal(modality, d) for d in inputs]
+            fresh.update((f.identifier, e) for f, e in zip(items, outs))
+        return fresh
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:

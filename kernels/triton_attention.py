@@ -361,10 +361,6 @@ def _num_sms(device: torch.device) -> int:
 _WRITE_CFG: dict[tuple[int, int], tuple[int, int, int]] = {}
 
 
-def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 class TritonBackend(AttentionBackend):
     """Triton paged attention; same cache layout as ``TorchReferenceBackend``."""
 

@@ -139,17 +139,23 @@ def image_offsets(ids: list[int], image_token: int) -> list[int]:
 
 
 class VisionCalls:
-    """Counts vision-tower runs of an engine's model (wraps ``embed_multimodal``)."""
+    """Counts items run through the vision tower (wraps ``embed_multimodal`` and the batched form)."""
 
     def __init__(self, monkeypatch, model) -> None:
         self.calls: list[str] = []
         orig = model.embed_multimodal
+        orig_batch = model.embed_multimodal_batch
 
         def wrapped(modality, data):
             self.calls.append(modality)
             return orig(modality, data)
 
+        def wrapped_batch(modality, items):
+            self.calls.extend([modality] * len(items))
+            return orig_batch(modality, items)
+
         monkeypatch.setattr(model, "embed_multimodal", wrapped)
+        monkeypatch.setattr(model, "embed_multimodal_batch", wrapped_batch)
 
 
 # ---------------------------------------------------------------------------------------------
