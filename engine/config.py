@@ -44,6 +44,7 @@ class ModelConfig:
     limit_mm_per_prompt: dict[str, int] = field(default_factory=dict)
     task: str = "generate"  # "generate" | "embed"
     pooling_type: str = "LAST"  # embed task: "LAST" | "MEAN" | "CLS"
+    enforce_eager: bool = False  # CUDA: no CUDA graphs for decode-only steps
 
     @property
     def is_pooling(self) -> bool:
@@ -113,6 +114,8 @@ class EngineArgs:
     task: str = "generate"
     # Embedding pooling: "LAST" | "MEAN" | "CLS"; default LAST (vLLM's for *ForCausalLM as embedder).
     pooling_type: str | None = None
+    # CUDA: run every step eagerly (no CUDA graphs for decode-only steps), as vLLM's flag.
+    enforce_eager: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def media_config(self) -> "MediaConfig":
@@ -190,6 +193,7 @@ class EngineArgs:
             limit_mm_per_prompt=dict(self.limit_mm_per_prompt or {}),
             task="embed" if self.task in ("embed", "embedding") else "generate",
             pooling_type=str(self.pooling_type or "LAST").upper(),
+            enforce_eager=bool(self.enforce_eager),
         )
         cache = CacheConfig(
             block_size=self.block_size,

@@ -69,6 +69,16 @@ class ModelRunner:
         # masked-out slots never hold NaN garbage.
         self.kv_caches = [torch.zeros(shape, dtype=config.model.dtype, device=self.device) for _ in range(self.model.num_layers)]
         logger.info("KV cache: %d blocks of %d tokens (%s backend)", self.num_blocks, self.block_size, self.backend.name)
+        self.cuda_graphs = None
+        if self.platform.type == "cuda" and not config.model.enforce_eager and not config.model.is_pooling:
+            from engine.cuda_graphs import CudaGraphRunner
+
+            self.cuda_graphs = CudaGraphRunner(
+                self.model, self.kv_caches, max_num_seqs=config.scheduler.max_num_seqs,
+                max_model_len=config.scheduler.max_model_len, block_size=self.block_size,
+                uses_mrope=self.uses_mrope, device=self.device,
+            )
+            self.cuda_graphs.capture()
 
     # -- KV cache sizing ------------------------------------------------------------------------
     def _block_bytes(self) -> int:
@@ -235,6 +245,8 @@ class ModelRunner:
         if batch.mm_slices:
             embeds = self._merge_multimodal(batch)
             hidden = self.model(None, batch.positions, self.kv_caches, batch.attn, inputs_embeds=embeds)
+        elif self.cuda_graphs is not None and self.cuda_graphs.can_run(batch.attn.num_seqs, batch.attn):
+            hidden = self.cuda_graphs.run(batch.input_ids, batch.positions, batch.attn)  # [N, hidden]
         else:
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn)  # [N, hidden]
         for req, row0, rows in batch.prompt_rows:

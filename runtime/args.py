@@ -32,6 +32,7 @@ _ENGINE_FIELDS = (
     "enable_chunked_prefill", "block_size", "enable_prefix_caching", "gpu_memory_utilization",
     "cpu_kv_cache_space", "num_gpu_blocks_override", "seed", "trust_remote_code", "attention_backend",
     "allowed_local_media_path", "max_image_bytes", "max_image_pixels", "task", "pooling_type",
+    "enforce_eager",
 )
 
 
@@ -122,6 +123,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--num-gpu-blocks-override", type=_positive_int, default=None, metavar="N",
                    help="fixed number of KV blocks (testing)")
     g.add_argument("--attention-backend", default=None, help="attention backend (default: the device's)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="CUDA: run every step eagerly (no CUDA graphs for decode-only steps)")
     g.add_argument("--seed", type=int, default=d.seed, help="random seed")
     g.add_argument("--trust-remote-code", action="store_true", help="allow custom code from the model folder")
     g.add_argument("--task", default="generate", choices=TASK_CHOICES,

@@ -1,0 +1,138 @@
+"""CUDA graphs for decode-only steps.
+
+A decode step of a small model is launch-bound: hundreds of small kernels whose launch costs far
+more host time than they take on the GPU. ``CudaGraphRunner`` captures the language model's forward
+(embeddings -> layers -> final norm; logits and sampling stay eager, on the real rows only) once per
+padded batch size of a ladder and replays the graph whose size is the smallest one that holds the
+step's sequences.
+
+Static state, shared by every captured size (a size ``bs`` uses the first ``bs`` rows):
+  * input_ids [max_bs], positions [max_bs] (or [3, max_bs] for M-RoPE), slot_mapping [max_bs],
+    seq_lens [max_bs], query_start_loc [max_bs + 1] (= arange: every query has one token),
+    block_tables [max_bs, max_blocks_per_seq];
+  * one output hidden-state tensor per size (memory of the shared graph pool).
+
+Padded rows write their key/value to slot 0 (block 0 is the null block) and attend over one key
+(seq_len 1) read through their block-table row, so they never write a real block. The attention
+metadata seen at capture time has ``max_seq_len = max_model_len``: the Triton decode kernel sizes
+its grid (number of context splits) from that host value, so one graph serves every context
+length; splits past a sequence's length are empty and the reduce kernel weighs them out.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from kernels import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
+
+
+def capture_sizes(max_num_seqs: int, ladder: tuple[int, ...] = DEFAULT_CAPTURE_SIZES) -> list[int]:
+    """The ladder capped by max_num_seqs; max_num_seqs itself is added when it falls between rungs
+    (so that every decode batch the scheduler can form has a graph)."""
+    sizes = [s for s in ladder if s <= max_num_seqs]
+    if max_num_seqs <= ladder[-1] and (not sizes or sizes[-1] < max_num_seqs):
+        sizes.append(max_num_seqs)
+    return sizes
+
+
+class CudaGraphRunner:
+    def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], *, max_num_seqs: int,
+                 max_model_len: int, block_size: int, uses_mrope: bool, device: torch.device) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.uses_mrope = uses_mrope
+        self.device = device
+        self.sizes = capture_sizes(max_num_seqs)
+        self.max_bs = self.sizes[-1] if self.sizes else 0
+        self.max_blocks = -(-max_model_len // block_size)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.pool = None
+        n = self.max_bs
+        with torch.inference_mode():
+            self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
+            self.positions = torch.zeros((3, n) if uses_mrope else (n,), dtype=torch.long, device=device)
+            self.slot_mapping = torch.zeros(n, dtype=torch.long, device=device)
+            self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
+            self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+            self.block_tables = torch.zeros((n, self.max_blocks), dtype=torch.int32, device=device)
+
+    @property
+    def max_captured(self) -> int:
+        return self.max_bs if self.graphs else 0
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:bs],
+            block_tables=self.block_tables[:bs],
+            query_start_loc=self.query_start_loc[: bs + 1],
+            seq_lens=self.seq_lens[:bs],
+            max_query_len=1,
+            max_seq_len=self.max_model_len,  # fixed grid: one graph for every context length
+            block_size=self.block_size,
+            query_start_loc_cpu=list(range(bs + 1)),
+            seq_lens_cpu=[1] * bs,
+        )
+
+    def _forward(self, bs: int) -> torch.Tensor:
+        positions = self.positions[:, :bs] if self.uses_mrope else self.positions[:bs]
+        return self.model(self.input_ids[:bs], positions, self.kv_caches, self._meta(bs))
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Warm up and capture every size, largest first, in one shared memory pool. Call after
+        the KV cache is allocated (the graphs bake in its address)."""
+        if not self.sizes:
+            return
+        t0 = time.perf_counter()
+        self.pool = torch.cuda.graph_pool_handle()
+        # Everything reads block 0 / writes slot 0 during warm-up and capture.
+        self.slot_mapping.zero_()
+        self.seq_lens.fill_(1)
+        self.block_tables.zero_()
+        for bs in reversed(self.sizes):
+            self._forward(bs)  # warm-up: Triton JIT, cuBLAS handles, split-decision caches
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self._forward(bs)
+            self.graphs[bs] = graph
+            self.outputs[bs] = out
+        torch.cuda.synchronize(self.device)
+        logger.info("CUDA graphs: captured %d decode batch sizes (up to %d) in %.1f s",
+                    len(self.sizes), self.max_bs, time.perf_counter() - t0)
+
+    def can_run(self, num_seqs: int, meta: AttentionMetadata) -> bool:
+        return bool(self.graphs) and meta.max_query_len == 1 and 0 < num_seqs <= self.max_bs \
+            and meta.block_tables.shape[1] <= self.max_blocks
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states [num_seqs, hidden] of a decode-only step (one token per sequence); a view
+        of the graph's static output, valid until the next replay."""
+        n = input_ids.shape[0]
+        bs = next(s for s in self.sizes if s >= n)
+        self.input_ids[:n].copy_(input_ids, non_blocking=True)
+        if self.uses_mrope:
+            self.positions[:, :n].copy_(positions, non_blocking=True)
+        else:
+            self.positions[:n].copy_(positions, non_blocking=True)
+        self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
+        self.seq_lens[:n].copy_(meta.seq_lens, non_blocking=True)
+        width = meta.block_tables.shape[1]
+        self.block_tables[:n, :width].copy_(meta.block_tables, non_blocking=True)
+        if bs > n:
+            # padded rows: write the null slot, attend over one key; their block-table rows only
+            # ever hold valid block ids (zeros or a past step's), of which column 0 is read.
+            self.slot_mapping[n:bs].zero_()
+            self.seq_lens[n:bs].fill_(1)
+        self.graphs[bs].replay()
+        return self.outputs[bs][:n]
