@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from engine.config import EngineArgs
@@ -31,59 +30,16 @@ from engine.outputs import (
 from engine.pooling_params import PoolingParams
 from engine.processor import InputProcessor, PromptType, load_tokenizer, split_children
 from engine.sampling_params import SamplingParams
+from engine.stats import (  # noqa: F401 (re-exported)
+    FinishedRequestStats,
+    IterationStats,
+    RequestStatsTracker,
+    StatLogger,
+)
 
 
 class EngineDeadError(RuntimeError):
     """The core process died; no request can be served any more."""
-
-
-# -- per-request statistics for stat loggers (e.g. the server's Prometheus metrics) --------------
-@dataclass
-class IterationStats:
-    """What one message of core outputs (one engine step) produced, as seen by the front end."""
-
-    num_prompt_tokens: int = 0  # prompts of the requests whose first token arrived in this step
-    num_generation_tokens: int = 0
-    time_to_first_tokens: list[float] = field(default_factory=list)  # seconds since arrival
-    inter_token_latencies: list[float] = field(default_factory=list)  # seconds since the sample's last token
-
-
-@dataclass
-class FinishedRequestStats:
-    """One request that finished (``finish_reasons``: one per sample) or was aborted (["abort"])."""
-
-    finish_reasons: list[str]
-    num_prompt_tokens: int
-    num_generation_tokens: int
-    e2e_latency: float | None = None  # None for an aborted request (its timings are not observed)
-    queue_time: float = 0.0  # sent to the core -> first scheduled
-    prefill_time: float = 0.0  # first scheduled -> first token
-    decode_time: float = 0.0  # first token -> last token
-
-
-class StatLogger:
-    """Receives the engine's statistics; every method runs on the engine's event loop and must be quick."""
-
-    def record_preprocess(self, num_images: int, seconds: float) -> None:
-        """A request's multimodal preprocessing (``InputProcessor.process``) took ``seconds``."""
-
-    def record_iteration(self, stats: IterationStats) -> None:
-        """Once per message of core outputs."""
-
-    def record_finished(self, stats: FinishedRequestStats) -> None:
-        """Once per request, when it finishes or is aborted (not when it fails with an error)."""
-
-
-@dataclass
-class _RequestTiming:
-    arrival: float  # time.time() when generate() was called
-    num_prompt_tokens: int
-    queued: float = 0.0  # sent to the core
-    scheduled: float | None = None  # first scheduled (the core's clock: time.time())
-    first_token: float | None = None
-    last_token: float | None = None
-    last_token_of: dict[str, float] = field(default_factory=dict)  # child id -> time of its last token
-    state: Any = None  # the output processor's state of the request (finish reasons, token ids)
 
 
 class AsyncLLM:
@@ -99,7 +55,6 @@ class AsyncLLM:
         self.processor = InputProcessor(self.config, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stats = EngineStats()
-        self._timings: dict[str, _RequestTiming] = {}
         self._queues: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._send_lock = threading.Lock()
@@ -123,6 +78,7 @@ class AsyncLLM:
                 self.stat_loggers.append(factory(self))
             except Exception:  # metrics must never stop the engine from serving
                 logging.getLogger("vlmserve.engine").exception("a stat logger could not be created")
+        self._tracker = RequestStatsTracker(self.output_processor, self.stat_loggers)
         self._reader = threading.Thread(target=self._read_loop, daemon=True, name="vlmserve-core-reader")
         self._reader.start()
 
@@ -167,15 +123,12 @@ class AsyncLLM:
             )
             num_images = sum(1 for f in req.mm_features if getattr(f, "modality", None) == "image")
             if num_images:
-                self._log("record_preprocess", num_images, seconds)
+                self._tracker.log("record_preprocess", num_images, seconds)
             children = split_children(req)
             self.output_processor.add_request(
                 request_id, text, req.prompt_token_ids, {c.request_id: c.sampling_params for c in children}, output_kind
             )
-            if self.stat_loggers:
-                self._timings[request_id] = _RequestTiming(
-                    arrival, len(req.prompt_token_ids), queued=time.time(),
-                    state=self.output_processor.requests.get(request_id))
+            self._tracker.start(request_id, arrival, len(req.prompt_token_ids))
             for child in children:
                 self._send(("add", child))
             while True:
@@ -189,12 +142,9 @@ class AsyncLLM:
                     return
         finally:
             self._queues.pop(request_id, None)
-            timing = self._timings.pop(request_id, None)
             if not finished:
                 self._abort_now(request_id)
-                if timing is not None and not failed:
-                    self._log("record_finished", FinishedRequestStats(
-                        ["abort"], timing.num_prompt_tokens, self._num_generated(timing)))
+            self._tracker.end(request_id, aborted=not finished and not failed)
 
     async def encode(
         self,
@@ -257,67 +207,6 @@ class AsyncLLM:
         text, req = self.processor.process(request_id, prompt, params)
         return text, req, time.perf_counter() - t0
 
-    def _log(self, method: str, *args: Any) -> None:
-        for logger in self.stat_loggers:
-            try:
-                getattr(logger, method)(*args)
-            except Exception:  # metrics must never break serving
-                logging.getLogger("vlmserve.engine").debug("stat logger %s failed", method, exc_info=True)
-
-    @staticmethod
-    def _num_generated(timing: _RequestTiming) -> int:
-        state = timing.state
-        return sum(len(s.token_ids) for s in state.seqs.values()) if state is not None else 0
-
-    def _observe_outputs(self, outputs: list) -> tuple[IterationStats, list[str]]:
-        """Timings of a message of core outputs, taken before the output processor applies it;
-        returns the step's stats and the requests it touched."""
-        now = time.time()
-        it = IterationStats()
-        touched = []
-        op = self.output_processor
-        for out in outputs:
-            parent = op.child_to_parent.get(out.request_id)
-            timing = self._timings.get(parent) if parent is not None else None
-            if timing is None or not out.new_token_ids:
-                continue
-            seq = timing.state.seqs.get(out.request_id) if timing.state is not None else None
-            if seq is None or seq.finish_reason is not None:
-                continue  # a stop string already ended it; the output processor drops this too
-            touched.append(parent)
-            if out.scheduled_time is not None and timing.scheduled is None:
-                timing.scheduled = out.scheduled_time
-            it.num_generation_tokens += len(out.new_token_ids)
-            last = timing.last_token_of.get(out.request_id)
-            if last is None:
-                if timing.first_token is None:
-                    timing.first_token = now
-                    it.num_prompt_tokens += timing.num_prompt_tokens
-                    it.time_to_first_tokens.append(now - timing.arrival)
-            else:
-                it.inter_token_latencies.append(now - last)
-            timing.last_token_of[out.request_id] = now
-            timing.last_token = now
-        return it, touched
-
-    def _finish_timings(self, touched: list[str]) -> None:
-        now = time.time()
-        for rid in dict.fromkeys(touched):
-            timing = self._timings.get(rid)
-            if timing is None or timing.state is None or not timing.state.finished:
-                continue
-            del self._timings[rid]
-            first = timing.first_token if timing.first_token is not None else now
-            scheduled = timing.scheduled if timing.scheduled is not None else timing.queued
-            self._log("record_finished", FinishedRequestStats(
-                [s.finish_reason for s in sorted(timing.state.seqs.values(), key=lambda s: s.index)],
-                timing.num_prompt_tokens, self._num_generated(timing),
-                e2e_latency=max(0.0, now - timing.arrival),
-                queue_time=max(0.0, scheduled - timing.queued),
-                prefill_time=max(0.0, first - max(scheduled, timing.queued)),
-                decode_time=max(0.0, (timing.last_token or first) - first),
-            ))
-
     def _send(self, msg: tuple) -> None:
         if self._dead is not None:
             raise EngineDeadError(self._dead)
@@ -353,11 +242,9 @@ class AsyncLLM:
         kind = msg[0]
         if kind == "outputs":
             self.stats = msg[2]
-            observed = self._observe_outputs(msg[1]) if self._timings else None
+            observed = self._tracker.observe(msg[1])
             ready, to_abort = self.output_processor.process(msg[1])
-            if observed is not None:
-                self._log("record_iteration", observed[0])
-                self._finish_timings(observed[1])
+            self._tracker.record(observed)
             if to_abort:
                 self._send(("abort", to_abort))
             for out in ready:

@@ -34,7 +34,8 @@ from prometheus_client import Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry
 
-from engine.async_llm import AsyncLLM, FinishedRequestStats, IterationStats, StatLogger
+from engine.async_llm import AsyncLLM
+from engine.stats import FinishedRequestStats, IterationStats, StatLogger
 
 # (name, help, EngineStats attribute)
 _GAUGES = (
