@@ -113,7 +113,48 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
 
-class LlamaForCausalLM(nn.Module):
+class CausalLMTextMixin:
+    """The text side shared by our causal LMs and VLMs: a ``LlamaModel`` plus an LM head.
+
+    ``text_lm()`` names the module that holds ``model`` (a ``LlamaModel``), ``tie_word_embeddings``
+    and, when untied, ``lm_head``: the model itself by default, its ``language_model`` for LLaVA.
+    """
+
+    def text_lm(self) -> Any:
+        return self
+
+    def _init_lm_head(self, model: LlamaModel, hidden_size: int, vocab_size: int, tie_word_embeddings: bool) -> None:
+        """Attach ``model``, the LM head (none when tied) and the KV-cache geometry."""
+        self.model = model
+        self.tie_word_embeddings = bool(tie_word_embeddings)
+        if not self.tie_word_embeddings:
+            self.lm_head = nn.Linear(hidden_size, vocab_size, bias=False)
+        self.num_layers = len(model.layers)
+        attn = model.layers[0].self_attn
+        self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
+
+    def get_input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_lm().model.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        meta: AttentionMetadata,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # input_ids: [N]; positions: [N] ([3, N] under M-RoPE); returns hidden states [N, hidden]
+        return self.text_lm().model(input_ids, positions, kv_caches, meta, inputs_embeds)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden: [M, hidden] -> logits [M, vocab] in fp32
+        lm = self.text_lm()
+        weight = lm.model.embed_tokens.weight if lm.tie_word_embeddings else lm.lm_head.weight
+        return torch.nn.functional.linear(hidden, weight).float()
+
+
+class LlamaForCausalLM(CausalLMTextMixin, nn.Module):
     """Causal LM over a flattened batch: ``forward`` -> hidden states, ``compute_logits`` -> logits."""
 
     qkv_bias = False
@@ -124,32 +165,12 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         attention_bias = getattr(config, "attention_bias", False)
         qkv_bias = self.qkv_bias or attention_bias
-        self.model = LlamaModel(config, backend, qkv_bias, o_bias=attention_bias)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        if not self.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.num_layers = config.num_hidden_layers
-        attn = self.model.layers[0].self_attn
-        self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
-
-    def get_input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(input_ids)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None,
-        positions: torch.Tensor,
-        kv_caches: list[torch.Tensor],
-        meta: AttentionMetadata,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        # input_ids, positions: [N]; returns hidden states [N, hidden]
-        return self.model(input_ids, positions, kv_caches, meta, inputs_embeds)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # hidden: [M, hidden] -> logits [M, vocab] in fp32
-        weight = self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        self._init_lm_head(
+            LlamaModel(config, backend, qkv_bias, o_bias=attention_bias),
+            config.hidden_size,
+            config.vocab_size,
+            getattr(config, "tie_word_embeddings", False),
+        )
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy HF-named tensors into our parameters; returns the names of parameters loaded."""

@@ -32,8 +32,8 @@ from torch import nn
 
 from engine.models.clip import CLIPVisionModel, resolve_feature_layers
 from engine.models.layers import activation
-from engine.models.llama import LlamaForCausalLM, Qwen2ForCausalLM
-from kernels import AttentionBackend, AttentionMetadata
+from engine.models.llama import CausalLMTextMixin, LlamaForCausalLM, Qwen2ForCausalLM
+from kernels import AttentionBackend
 
 __all__ = ["LlavaForConditionalGeneration", "get_image_token_id", "num_image_features"]
 
@@ -84,7 +84,7 @@ class LlavaMultiModalProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
-class LlavaForConditionalGeneration(nn.Module):
+class LlavaForConditionalGeneration(CausalLMTextMixin, nn.Module):
     """LLaVA over a flattened varlen batch with 1-D positions.
 
     The runner embeds a prompt with images itself: ``get_input_embeddings(ids)``, the rows of the
@@ -124,24 +124,10 @@ class LlavaForConditionalGeneration(nn.Module):
         self.num_kv_heads = self.language_model.num_kv_heads
         self.head_dim = self.language_model.head_dim
 
-    # -- text ---------------------------------------------------------------------------------
+    # -- text: get_input_embeddings / forward / compute_logits come from CausalLMTextMixin --------
 
-    def get_input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.get_input_embeddings(input_ids)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None,
-        positions: torch.Tensor,
-        kv_caches: list[torch.Tensor],
-        meta: AttentionMetadata,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        # input_ids, positions: [N]; returns hidden states [N, hidden]
-        return self.language_model(input_ids, positions, kv_caches, meta, inputs_embeds)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.language_model.compute_logits(hidden)
+    def text_lm(self) -> Any:
+        return self.language_model
 
     # -- vision -------------------------------------------------------------------------------
 

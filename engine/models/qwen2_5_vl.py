@@ -38,8 +38,8 @@ from engine.models.qwen2_vl import (
     PatchMerger,
     Qwen2VLForConditionalGeneration,
     VisionPatchEmbed,
+    VisionTowerBase,
     _grid_list,
-    _vision_position_ids,
     get_mrope_positions,
 )
 
@@ -180,7 +180,7 @@ class Qwen2_5_PatchMerger(PatchMerger):
         self.ln_q = RMSNorm(context_dim, eps=1e-6)
 
 
-class Qwen2_5_VisionTransformer(nn.Module):
+class Qwen2_5_VisionTransformer(VisionTowerBase):
     """Qwen2.5-VL's ViT. Parameter names follow the checkpoint's ``visual.*`` sub-names.
 
     ``forward(pixel_values [P, C*T*p*p], grid_thw [n, 3]) -> [P / m^2, out_hidden_size]``, rows in
@@ -197,25 +197,9 @@ class Qwen2_5_VisionTransformer(nn.Module):
         in_channels = getattr(config, "in_channels", None) or getattr(config, "in_chans", 3)
         dim = config.hidden_size
         self.patch_embed = VisionPatchEmbed(self.patch_size, config.temporal_patch_size, in_channels, dim)
-        head_dim = dim // config.num_heads
-        rope = getattr(config, "rope_parameters", None) or {}
-        theta = float(rope.get("rope_theta", 10000.0))
-        spatial_dim = head_dim // 2  # half the head for h, half for w
-        inv_freq = 1.0 / (theta ** (torch.arange(0, spatial_dim, 2, dtype=torch.float32) / spatial_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._init_rotary(config, dim // config.num_heads)
         self.blocks = nn.ModuleList(Qwen2_5_VisionBlock(config) for _ in range(config.depth))
         self.merger = Qwen2_5_PatchMerger(config.out_hidden_size, dim, self.spatial_merge_size)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.patch_embed.proj.weight.dtype
-
-    def rotary(self, grid_thw: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = _vision_position_ids(grid_thw, self.spatial_merge_size, device)  # [P, 2]
-        freqs = pos[..., None].float() * self.inv_freq.to(device)  # [P, 2, head_dim/4]
-        freqs = freqs.flatten(1)  # [P, head_dim/2]: h bands then w bands
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
         grid = _grid_list(grid_thw)

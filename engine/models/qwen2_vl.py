@@ -35,13 +35,13 @@ from engine.models.layers import (
     _swap_halves,
     activation,
 )
-from engine.models.llama import _STACKED, LlamaModel
-from kernels import AttentionBackend, AttentionMetadata
+from engine.models.llama import _STACKED, CausalLMTextMixin, LlamaModel
+from kernels import AttentionBackend
 
 __all__ = [
     "MRotaryEmbedding",
-    "Qwen2VisionTransformer",
     "Qwen2VLForConditionalGeneration",
+    "Qwen2VisionTransformer",
     "get_mrope_decode_positions",
     "get_mrope_positions",
     "num_mm_tokens",
@@ -181,24 +181,15 @@ class PatchMerger(nn.Module):
         return self.mlp(self.ln_q(x).view(-1, self.hidden))
 
 
-class Qwen2VisionTransformer(nn.Module):
-    """Qwen2-VL's ViT. Parameter names follow the checkpoint's ``visual.*`` sub-names."""
+class VisionTowerBase(nn.Module):
+    """What Qwen2-VL's and Qwen2.5-VL's ViTs share: the 2D (h, w) rotary table and ``dtype``."""
 
-    def __init__(self, config: Any) -> None:
-        super().__init__()
-        self.config = config
-        self.spatial_merge_size = config.spatial_merge_size
-        self.patch_embed = VisionPatchEmbed(
-            config.patch_size, config.temporal_patch_size, getattr(config, "in_channels", 3), config.embed_dim
-        )
-        head_dim = config.embed_dim // config.num_heads
+    def _init_rotary(self, config: Any, head_dim: int) -> None:
         rope = getattr(config, "rope_parameters", None) or {}
         theta = float(rope.get("rope_theta", 10000.0))
         spatial_dim = head_dim // 2  # half the head for h, half for w
         inv_freq = 1.0 / (theta ** (torch.arange(0, spatial_dim, 2, dtype=torch.float32) / spatial_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.blocks = nn.ModuleList(VisionBlock(config) for _ in range(config.depth))
-        self.merger = PatchMerger(config.hidden_size, config.embed_dim, config.spatial_merge_size)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -210,6 +201,21 @@ class Qwen2VisionTransformer(nn.Module):
         freqs = freqs.flatten(1)  # [P, head_dim/2]: h bands then w bands
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
+
+
+class Qwen2VisionTransformer(VisionTowerBase):
+    """Qwen2-VL's ViT. Parameter names follow the checkpoint's ``visual.*`` sub-names."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.spatial_merge_size = config.spatial_merge_size
+        self.patch_embed = VisionPatchEmbed(
+            config.patch_size, config.temporal_patch_size, getattr(config, "in_channels", 3), config.embed_dim
+        )
+        self._init_rotary(config, config.embed_dim // config.num_heads)
+        self.blocks = nn.ModuleList(VisionBlock(config) for _ in range(config.depth))
+        self.merger = PatchMerger(config.hidden_size, config.embed_dim, config.spatial_merge_size)
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
         """pixel_values: [P, C*T*p*p]; grid_thw: [n, 3] (t, h, w in patches) -> [P / m^2, lm_hidden]."""
@@ -435,7 +441,7 @@ def _lm_config(text_config: Any) -> Any:
     )
 
 
-class Qwen2VLForConditionalGeneration(nn.Module):
+class Qwen2VLForConditionalGeneration(CausalLMTextMixin, nn.Module):
     """Qwen2-VL over a flattened varlen batch with M-RoPE positions [3, N].
 
     The runner embeds the prompt itself: ``get_input_embeddings(ids)``, then the rows of the
@@ -459,38 +465,16 @@ class Qwen2VLForConditionalGeneration(nn.Module):
 
         self.visual = self.vision_tower_cls(vision)
         lm_cfg = _lm_config(text)
-        self.model = LlamaModel(lm_cfg, attn_backend, qkv_bias=True, o_bias=False)
-        head_dim = lm_cfg.head_dim
-        for layer in self.model.layers:
-            layer.self_attn.rotary_emb = MRotaryEmbedding(text, head_dim)
-        self.tie_word_embeddings = bool(
-            getattr(hf_config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False)
+        model = LlamaModel(lm_cfg, attn_backend, qkv_bias=True, o_bias=False)
+        for layer in model.layers:
+            layer.self_attn.rotary_emb = MRotaryEmbedding(text, lm_cfg.head_dim)
+        # forward's positions: [3, N] int64 (a [N] tensor means text-only: same position in all rows)
+        self._init_lm_head(
+            model,
+            text.hidden_size,
+            text.vocab_size,
+            getattr(hf_config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False),
         )
-        if not self.tie_word_embeddings:
-            self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
-        self.num_layers = text.num_hidden_layers
-        attn = self.model.layers[0].self_attn
-        self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
-
-    # -- text ---------------------------------------------------------------------------------
-
-    def get_input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(input_ids)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None,
-        positions: torch.Tensor,
-        kv_caches: list[torch.Tensor],
-        meta: AttentionMetadata,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        # positions: [3, N] int64 (a [N] tensor means text-only: same position in all rows)
-        return self.model(input_ids, positions, kv_caches, meta, inputs_embeds)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        return F.linear(hidden, weight).float()
 
     # -- vision -------------------------------------------------------------------------------
 
