@@ -61,6 +61,7 @@ class ModelRunner:
         self.model = load_model(config.model, self.platform, self.backend)
         self.sampler = Sampler(self.device, config.model.seed)
         self.uses_mrope = bool(getattr(self.model, "uses_mrope", False))
+        self._init_input_buffers(config.scheduler.max_num_seqs, config.scheduler.max_model_len)
         # Room for a step's worth of image tokens several times over.
         self.encoder_cache = EncoderCache(capacity_rows=4 * config.scheduler.max_num_batched_tokens)
         self.num_blocks = self._determine_num_blocks()
@@ -138,7 +139,130 @@ class ModelRunner:
         return free - max(0, peak - allocated_now), total
 
     # -- one step -------------------------------------------------------------------------------
+    def _init_input_buffers(self, max_num_seqs: int, max_model_len: int) -> None:
+        """Persistent host buffers for decode-only steps (pinned on CUDA so that the copies to the
+        device are asynchronous): a block table kept row by row across steps, and staging arrays
+        for ids / positions / slots / seq_lens."""
+        n = max(1, max_num_seqs)
+        self._max_table_blocks = -(-max_model_len // self.block_size)
+        pin = self.device.type == "cuda"
+
+        def buf(shape, dtype):
+            return torch.zeros(shape, dtype=dtype, pin_memory=pin)
+
+        self._table = np.zeros((n, self._max_table_blocks), dtype=np.int32)
+        self._table_stage_t = buf(n * self._max_table_blocks, torch.int32)  # [n, width] packed
+        self._ids_t = buf(n, torch.int64)
+        self._pos_t = buf((3, n) if self.uses_mrope else n, torch.int64)
+        self._slots_t = buf(n, torch.int64)
+        self._seqlens_t = buf(n, torch.int32)
+        self._qsl_t = torch.arange(n + 1, dtype=torch.int32)
+        self._logits_t = torch.arange(n, dtype=torch.int64)
+        if pin:
+            self._qsl_t = self._qsl_t.pin_memory()
+            self._logits_t = self._logits_t.pin_memory()
+        # Per table row: the block-id list it mirrors and how many of its entries are written.
+        self._row_lists: list = [None] * n
+        self._row_lens = [0] * n
+
+    def _invalidate_rows(self) -> None:
+        if getattr(self, "_row_lists", None) is not None:
+            self._row_lists = [None] * len(self._row_lists)
+
+    def _decode_only(self, out: SchedulerOutput) -> bool:
+        """Every scheduled request computes exactly its one newest (generated) token and samples."""
+        if getattr(self, "_row_lists", None) is None or len(out.scheduled) > len(self._row_lists):
+            return False
+        for req, n in out.scheduled:
+            if n != 1 or req.num_computed_tokens + 1 != len(req.all_token_ids) \
+                    or req.num_computed_tokens < len(req.prompt_token_ids) or req.pooling_params is not None:
+                return False
+        return True
+
+    def _prepare_decode(self, out: SchedulerOutput) -> ForwardBatch:
+        """prepare() for a decode-only step: one pass over per-request scalars, numpy arithmetic,
+        a block table updated only in rows whose block list changed, one copy per tensor."""
+        bs = self.block_size
+        sched = out.scheduled
+        n = len(sched)
+        reqs = [r for r, _ in sched]
+        starts = np.fromiter((r.num_computed_tokens for r in reqs), dtype=np.int64, count=n)
+        ids = self._ids_t.numpy()[:n]
+        ids[:] = np.fromiter((r.all_token_ids[-1] for r in reqs), dtype=np.int64, count=n)
+        blk_idx = starts // bs
+        cur = np.fromiter((r.block_ids[i] for r, i in zip(reqs, blk_idx.tolist())), dtype=np.int64, count=n)
+        slots = self._slots_t.numpy()[:n]
+        np.add(cur * bs, starts % bs, out=slots)
+        seq = self._seqlens_t.numpy()[:n]
+        seq[:] = starts + 1
+        if self.uses_mrope:
+            deltas = np.fromiter((r.mrope_delta for r in reqs), dtype=np.int64, count=n)
+            pos = self._pos_t.numpy()[:, :n]
+            pos[:] = (starts + deltas)[None, :]
+        else:
+            pos = self._pos_t.numpy()[:n]
+            pos[:] = starts
+        # Block table rows: rewrite a row whose request (block list) changed, else append new ids.
+        table, row_lists, row_lens = self._table, self._row_lists, self._row_lens
+        max_blocks = 0
+        for i, r in enumerate(reqs):
+            blocks = r.block_ids
+            nb = len(blocks)
+            max_blocks = max(max_blocks, nb)
+            if row_lists[i] is blocks:
+                done = row_lens[i]
+                if done == nb:
+                    continue
+                if done < nb:
+                    table[i, done:nb] = blocks[done:]
+                    row_lens[i] = nb
+                    continue
+            old = row_lens[i]  # the row's written extent; past it the row is zero
+            table[i, :nb] = blocks
+            if old > nb:
+                table[i, nb:old] = 0
+            row_lists[i] = blocks
+            row_lens[i] = nb
+        dev = self.device
+        non_blocking = dev.type == "cuda"
+        table_t = self._table_stage_t[: n * max_blocks].view(n, max_blocks)
+        table_t.numpy()[:] = table[:n, :max_blocks]
+        seq_lens_cpu = seq.tolist()
+        meta = AttentionMetadata(
+            slot_mapping=self._slots_t[:n].to(dev, non_blocking=non_blocking),
+            block_tables=table_t.to(dev, non_blocking=non_blocking),
+            query_start_loc=self._qsl_t[: n + 1].to(dev, non_blocking=non_blocking),
+            seq_lens=self._seqlens_t[:n].to(dev, non_blocking=non_blocking),
+            max_query_len=1,
+            max_seq_len=max(seq_lens_cpu),
+            block_size=bs,
+            query_start_loc_cpu=list(range(n + 1)),
+            seq_lens_cpu=seq_lens_cpu,
+        )
+        positions = self._pos_t[:, :n] if self.uses_mrope else self._pos_t[:n]
+        if dev.type == "cuda":
+            input_ids = self._ids_t[:n].to(dev, non_blocking=True)
+            positions = positions.to(dev, non_blocking=True)
+            logits = self._logits_t[:n].to(dev, non_blocking=True)
+        else:  # CPU: the staging buffers are reused next step, so hand out copies
+            input_ids = self._ids_t[:n].clone()
+            positions = positions.clone()
+            meta.slot_mapping = meta.slot_mapping.clone()
+            meta.seq_lens = meta.seq_lens.clone()
+            meta.query_start_loc = meta.query_start_loc.clone()
+            meta.block_tables = meta.block_tables.clone()
+            logits = self._logits_t[:n].clone()
+        return ForwardBatch(input_ids=input_ids, positions=positions, attn=meta, logits_indices=logits,
+                            sample_reqs=reqs)
+
     def prepare(self, out: SchedulerOutput) -> ForwardBatch:
+        if self._decode_only(out):
+            return self._prepare_decode(out)
+        self._invalidate_rows()
+        return self._prepare_general(out)
+
+    # -- one step -------------------------------------------------------------------------------
+    def _prepare_general(self, out: SchedulerOutput) -> ForwardBatch:
         bs = self.block_size
         ids, pos, slots, qsl, seq_lens, tables = [], [], [], [0], [], []
         logits_rows, sample_reqs, prompt_rows, mm_slices, pool_rows = [], [], [], [], []

@@ -52,12 +52,22 @@ class Scheduler:
         scheduled: list[tuple[Request, int]] = []
         preempted: list[str] = []
         bm = self.block_manager
+        block_size = bm.block_size
 
         # 1. Running requests, oldest first; preempt from the newest end when blocks run out.
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if num_new == 1:
+                # Decode fast path: the token lands in a block the request already holds and does
+                # not fill it, so allocate() would take no block and register no new full block.
+                total = req.num_computed_tokens + 1
+                if total % block_size and len(req.block_ids) * block_size >= total:
+                    scheduled.append((req, 1))
+                    budget -= 1
+                    i += 1
+                    continue
             while not bm.can_allocate(req, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
