@@ -15,6 +15,8 @@ Public API:
 * ``train_tokenizer(out_dir, style)`` -> ``PreTrainedTokenizerFast`` (style "qwen2" or "llama")
 * ``build_tiny_model(out_dir, arch="llama", ...)`` -> ``out_dir`` (config, safetensors, tokenizer,
   generation_config.json)
+* ``train_tokenizer_with_special_tokens(out_dir, style, special_tokens, chat_template)`` and
+  ``reinit_weights_(model, seed, ...)``: the pieces the tests' multimodal builders share
 
 The tests build their checkpoints with the same two builders (``tests/tiny_models.py``).
 """
@@ -32,7 +34,15 @@ import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
-__all__ = ["DEMO_MODEL_KWARGS", "default_demo_dir", "ensure_demo_model", "train_tokenizer", "build_tiny_model"]
+__all__ = [
+    "DEMO_MODEL_KWARGS",
+    "build_tiny_model",
+    "default_demo_dir",
+    "ensure_demo_model",
+    "reinit_weights_",
+    "train_tokenizer",
+    "train_tokenizer_with_special_tokens",
+]
 
 # ---------------------------------------------------------------------------------------------
 # Tokenizer
@@ -219,11 +229,25 @@ def train_tokenizer(out_dir: Path, style: str) -> PreTrainedTokenizerFast:
     hf_tok.save_pretrained(out_dir)
     # Declare the class real checkpoints of this family declare (Qwen2: Qwen2Tokenizer; Llama-3
     # style byte-level: PreTrainedTokenizerFast, which v5 maps to TokenizersBackend).
-    _portable_tokenizer_config(
-        out_dir / "tokenizer_config.json",
-        "Qwen2Tokenizer" if style == "qwen2" else "PreTrainedTokenizerFast",
-    )
+    _portable_tokenizer_config(out_dir / "tokenizer_config.json", _tokenizer_class(style))
     return hf_tok
+
+
+def train_tokenizer_with_special_tokens(
+    out_dir: Path, style: str, special_tokens: list[str], chat_template: str
+) -> PreTrainedTokenizerFast:
+    """``train_tokenizer(out_dir, style)`` plus ``special_tokens`` (additional special tokens) and
+    ``chat_template``, saved again into ``out_dir`` (the tests' multimodal checkpoints use it)."""
+    tok = train_tokenizer(out_dir, style)
+    tok.add_special_tokens({"additional_special_tokens": list(special_tokens)})
+    tok.chat_template = chat_template
+    tok.save_pretrained(out_dir)
+    _portable_tokenizer_config(out_dir / "tokenizer_config.json", _tokenizer_class(style))
+    return tok
+
+
+def _tokenizer_class(style: str) -> str:
+    return "Qwen2Tokenizer" if style == "qwen2" else "PreTrainedTokenizerFast"
 
 
 def _portable_tokenizer_config(path: Path, tokenizer_class: str) -> None:
@@ -271,17 +295,39 @@ BIAS_STD = 0.1
 
 
 @torch.no_grad()
-def _reinit_(model: torch.nn.Module, seed: int) -> None:
+def reinit_weights_(
+    model: torch.nn.Module,
+    seed: int,
+    *,
+    norm_std: float = 0.0,
+    fan_in_names: tuple[str, ...] = (),
+    unit_names: tuple[str, ...] = (),
+) -> None:
+    """Re-draw every parameter from ``Generator(seed + 1)``, in ``named_parameters`` order.
+
+    Biases ~ N(0, BIAS_STD); names ending in one of ``unit_names`` ~ N(0, 1); 1-D parameters
+    (norm scales) = 1 + N(0, ``norm_std``) (exactly 1 when ``norm_std`` is 0: then they must be
+    norms); weights whose name contains one of ``fan_in_names`` ~ N(0, 1 / fan_in) (keeps vision
+    activations O(1)); every other weight ~ N(0, WEIGHT_STD).
+    """
     g = torch.Generator().manual_seed(seed + 1)
     for name, p in model.named_parameters():
         if name.endswith("bias"):
             p.copy_(torch.randn(p.shape, generator=g) * BIAS_STD)
-        elif "norm" in name:
-            p.fill_(1.0)
-        elif p.dim() >= 2:  # Linear / Embedding weights (lm_head is tied or a Linear)
+        elif name.endswith(unit_names):
+            p.copy_(torch.randn(p.shape, generator=g))
+        elif p.dim() == 1:  # RMSNorm / LayerNorm scales
+            if norm_std:  # perturbed, so that loading them is tested
+                p.copy_(1.0 + torch.randn(p.shape, generator=g) * norm_std)
+            elif "norm" in name:
+                p.fill_(1.0)
+            else:
+                raise AssertionError(f"unexpected 1-D parameter {name}")
+        elif any(part in name for part in fan_in_names):
+            fan_in = p[0].numel()
+            p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5)
+        else:  # Linear / Embedding weights (lm_head is tied or a Linear)
             p.copy_(torch.randn(p.shape, generator=g) * WEIGHT_STD)
-        else:
-            raise AssertionError(f"unexpected 1-D parameter {name}")
 
 
 def build_tiny_model(
@@ -334,7 +380,7 @@ def build_tiny_model(
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _reinit_(model, seed)
+    reinit_weights_(model, seed)
     model.eval()
 
     save_kwargs = {}

@@ -21,6 +21,7 @@ import pytest
 import tiny_vlm25
 import torch
 import transformers
+from tiny_vlm25 import hf_image_embeds, make_prompt, mm
 
 from engine import LLM, SamplingParams
 from engine.loader import iterate_weights
@@ -233,15 +234,6 @@ def test_mrope_positions_match_hf(ours, hf, vlm_dir):
 # ---------------------------------------------------------------------------------------------
 
 
-def make_prompt(num_images: int, text: str = "Describe this.") -> str:
-    s = "<|im_start|>user\n" + "<|vision_start|><|image_pad|><|vision_end|>" * num_images
-    return s + text + "<|im_end|>\n<|im_start|>assistant\n"
-
-
-def mm(prompt: str, images) -> dict:
-    return {"prompt": prompt, "multi_modal_data": {"image": images}}
-
-
 @pytest.fixture(scope="module")
 def llm(vlm_dir):
     return LLM(str(vlm_dir), dtype="float32", device="cpu", max_model_len=1024)
@@ -255,44 +247,7 @@ def chunked_llm(vlm_dir):
 @pytest.fixture(scope="module")
 def ref(hf, processor, llm):
     """ref(prompt_text, images) -> (expanded prompt ids, HF greedy continuation), cached."""
-    tok = llm.get_tokenizer()
-    image_token = hf.config.image_token_id
-    cache: dict = {}
-
-    def get(text: str, images: list | None = None) -> tuple[list[int], list[int]]:
-        images = list(images or [])
-        key = (text, tuple(id(im) for im in images))
-        if key not in cache:
-            kw = {}
-            grids = []
-            if images:
-                o = processor(images=images, return_tensors="pt")
-                kw = {"pixel_values": o["pixel_values"], "image_grid_thw": o["image_grid_thw"]}
-                grids = o["image_grid_thw"].tolist()
-            ids, it = [], iter(grids)
-            for t in tok(text).input_ids:  # each <|image_pad|> -> t*h*w/4 pads, from HF's processor
-                if t == image_token:
-                    gt, gh, gw = next(it)
-                    ids.extend([image_token] * (gt * gh * gw // 4))
-                else:
-                    ids.append(t)
-            assert next(it, None) is None
-            inp = torch.tensor([ids])
-            if images:
-                kw["mm_token_type_ids"] = _token_types(inp, hf.config)
-            with torch.no_grad():
-                g = hf.generate(input_ids=inp, attention_mask=torch.ones_like(inp), do_sample=False,
-                                max_new_tokens=MAX_TOKENS, **kw)
-            cache[key] = (ids, g[0, len(ids):].tolist())
-        return cache[key]
-
-    return get
-
-
-def hf_image_embeds(hf, processor, image) -> tuple[torch.Tensor, torch.Tensor]:
-    """(image_embeds [n, hidden], image_grid_thw [1, 3]) from HF's own vision tower."""
-    o = processor(images=[image], return_tensors="pt")
-    return _hf_features(hf, o["pixel_values"], o["image_grid_thw"]).clone(), o["image_grid_thw"]
+    return tiny_vlm25.hf_greedy_reference(hf, processor, llm.get_tokenizer(), MAX_TOKENS)
 
 
 def assert_matches(out, ref, text: str, images: list | None = None) -> None:

@@ -16,9 +16,9 @@ import asyncio
 import io
 
 import pytest
-import torch
 
 import tiny_vlm
+from tiny_vlm import hf_image_embeds, make_prompt, mm
 from engine import EngineArgs, LLM, SamplingParams
 
 BLOCK_SIZE = 16
@@ -36,17 +36,6 @@ IMG_A = _img(100, 150, 1)  # 1x8x10 -> 20 tokens
 IMG_SMALL = _img(56, 56, 2)  # 1x4x4 -> 4 tokens
 IMG_WIDE = _img(60, 300, 3)  # 1x4x22 -> 22 tokens
 IMG_BIG = _img(200, 250, 4)  # 1x14x18 -> 63 tokens
-
-
-def make_prompt(num_images: int, text: str = "Describe this.", system: str | None = None,
-                pad: str = "<|image_pad|>") -> str:
-    s = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
-    s += "<|im_start|>user\n" + f"<|vision_start|>{pad}<|vision_end|>" * num_images
-    return s + text + "<|im_end|>\n<|im_start|>assistant\n"
-
-
-def mm(prompt: str, images) -> dict:
-    return {"prompt": prompt, "multi_modal_data": {"image": images}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,47 +66,7 @@ def llm(vlm_dir):
 @pytest.fixture(scope="module")
 def ref(hf, image_processor, llm):
     """ref(prompt_text, images) -> (expected expanded prompt ids, HF greedy continuation), cached."""
-    tok = llm.get_tokenizer()
-    image_token = hf.config.image_token_id
-    cache: dict = {}
-
-    def expected_ids(text: str, images: list) -> list[int]:
-        # Independent of the engine: each <|image_pad|> becomes t*h*w/4 pads per HF's processor grid.
-        grids = [image_processor(images=[im], return_tensors="pt")["image_grid_thw"][0] for im in images]
-        out, it = [], iter(grids)
-        for t in tok(text).input_ids:
-            out.extend([image_token] * (int(next(it).prod()) // 4) if t == image_token else [t])
-        assert next(it, None) is None
-        return out
-
-    def get(text: str, images: list | None = None) -> tuple[list[int], list[int]]:
-        images = list(images or [])
-        key = (text, tuple(id(im) for im in images))
-        if key not in cache:
-            ids = expected_ids(text, images)
-            kw = {}
-            if images:
-                o = image_processor(images=images, return_tensors="pt")
-                kw = dict(pixel_values=o["pixel_values"], image_grid_thw=o["image_grid_thw"])
-                kw["mm_token_type_ids"] = torch.tensor([[int(t == image_token) for t in ids]])
-            inp = torch.tensor([ids])
-            with torch.no_grad():
-                g = hf.generate(input_ids=inp, attention_mask=torch.ones_like(inp), do_sample=False,
-                                max_new_tokens=MAX_TOKENS, **kw)
-            cache[key] = (ids, g[0, len(ids):].tolist())
-        return cache[key]
-
-    return get
-
-
-def hf_image_embeds(hf, image_processor, image) -> tuple[torch.Tensor, torch.Tensor]:
-    """(image_embeds [n, hidden], image_grid_thw [1, 3]) from HF's own vision tower."""
-    o = image_processor(images=[image], return_tensors="pt")
-    with torch.no_grad():
-        feats = hf.model.get_image_features(o["pixel_values"], o["image_grid_thw"])
-    pooled = feats.pooler_output if hasattr(feats, "pooler_output") else feats
-    embeds = torch.cat(list(pooled)) if isinstance(pooled, (list, tuple)) else pooled
-    return embeds.detach().clone(), o["image_grid_thw"]
+    return tiny_vlm.hf_greedy_reference(hf, image_processor, llm.get_tokenizer(), MAX_TOKENS)
 
 
 def assert_matches(out, ref, text: str, images: list | None = None) -> None:

@@ -170,43 +170,9 @@ def llm(vlm_dir):
 @pytest.fixture(scope="module")
 def ref(hf, image_processor, vlm_dir, llm):
     """ref(text, images, videos) -> (expected expanded prompt ids, HF greedy continuation)."""
-    tok = llm.get_tokenizer()
-    cfg = hf.config
-    cache: dict = {}
-
-    def get(text: str, images=(), videos=()) -> tuple[list[int], list[int]]:
-        key = (text, tuple(map(id, images)), tuple(map(id, videos)))
-        if key in cache:
-            return cache[key]
-        kw = {}
-        img_grids, vid_grids = [], []
-        if images:
-            o = image_processor(images=list(images), return_tensors="pt")
-            kw.update(pixel_values=o["pixel_values"], image_grid_thw=o["image_grid_thw"])
-            img_grids = o["image_grid_thw"].tolist()
-        if videos:
-            pv = [hf_video_pixels(v, vlm_dir) for v in videos]
-            kw.update(pixel_values_videos=torch.cat([p for p, _ in pv]), video_grid_thw=torch.cat([g for _, g in pv]))
-            vid_grids = kw["video_grid_thw"].tolist()
-        ids, gi, gv = [], iter(img_grids), iter(vid_grids)
-        for t in tok(text).input_ids:
-            if t == cfg.image_token_id:
-                ids += [t] * (math.prod(next(gi)) // 4)
-            elif t == cfg.video_token_id:
-                ids += [t] * (math.prod(next(gv)) // 4)
-            else:
-                ids.append(t)
-        assert next(gi, None) is None and next(gv, None) is None
-        inp = torch.tensor([ids])
-        if images or videos:
-            kw["mm_token_type_ids"] = (inp == cfg.image_token_id).int() + 2 * (inp == cfg.video_token_id).int()
-        with torch.no_grad():
-            g = hf.generate(input_ids=inp, attention_mask=torch.ones_like(inp), do_sample=False,
-                            max_new_tokens=MAX_TOKENS, **kw)
-        cache[key] = (ids, g[0, len(ids):].tolist())
-        return cache[key]
-
-    return get
+    return tiny_vlm.hf_greedy_reference(
+        hf, image_processor, llm.get_tokenizer(), MAX_TOKENS, video_pixels=lambda v: hf_video_pixels(v, vlm_dir)
+    )
 
 
 def assert_matches(out, ref, text, images=(), videos=()) -> None:

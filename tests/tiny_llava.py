@@ -25,12 +25,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 import transformers
 from transformers import GenerationConfig
 
-from tiny_models import BIAS_STD, WEIGHT_STD, train_tokenizer
+from tiny_models import load_hf_cached, reinit_weights_, train_tokenizer_with_special_tokens
+from tiny_vlm import random_image  # noqa: F401  (re-exported for the tests)
 
 IMAGE_TOKEN = "<image>"
 
@@ -57,43 +57,8 @@ LLAVA_CHAT_TEMPLATE = (
 
 
 def _train_llava_tokenizer(out_dir: Path):
-    tok = train_tokenizer(out_dir, "llama")  # <unk> 0, <s> 1 (bos), </s> 2 (eos)
-    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    tok.chat_template = LLAVA_CHAT_TEMPLATE
-    tok.save_pretrained(out_dir)
-    # Same portability fix as tiny_models' tokenizer (v4 spellings load identically in v5).
-    path = out_dir / "tokenizer_config.json"
-    cfg = json.loads(path.read_text())
-    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    extra = cfg.pop("extra_special_tokens", None)
-    if isinstance(extra, list) and extra:
-        cfg["additional_special_tokens"] = extra
-    elif extra:
-        cfg["extra_special_tokens"] = extra
-    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
-    return tok
-
-
-@torch.no_grad()
-def _reinit_(model: torch.nn.Module, seed: int) -> None:
-    """LM weights ~ N(0, WEIGHT_STD) like tiny_models; biases ~ N(0, BIAS_STD); norm scales ~ 1 + N(0, 0.1).
-
-    Vision tower and projector weights use std 1/sqrt(fan_in) so activations stay O(1); the CLS
-    class embedding is N(0, 1).
-    """
-    g = torch.Generator().manual_seed(seed + 1)
-    for name, p in model.named_parameters():
-        if name.endswith("bias"):
-            p.copy_(torch.randn(p.shape, generator=g) * BIAS_STD)
-        elif name.endswith("class_embedding"):
-            p.copy_(torch.randn(p.shape, generator=g))
-        elif p.dim() == 1:  # RMSNorm / LayerNorm scales: perturbed, so that loading them is tested
-            p.copy_(1.0 + torch.randn(p.shape, generator=g) * 0.1)
-        elif "vision_tower" in name or "multi_modal_projector" in name:
-            fan_in = p[0].numel()
-            p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5)
-        else:
-            p.copy_(torch.randn(p.shape, generator=g) * WEIGHT_STD)
+    # <unk> 0, <s> 1 (bos), </s> 2 (eos), then <image>
+    return train_tokenizer_with_special_tokens(out_dir, "llama", [IMAGE_TOKEN], LLAVA_CHAT_TEMPLATE)
 
 
 def build_tiny_llava(
@@ -154,7 +119,15 @@ def build_tiny_llava(
 
     torch.manual_seed(seed)
     model = transformers.LlavaForConditionalGeneration(config).to(torch.float32)
-    _reinit_(model, seed)
+    # LM weights ~ N(0, WEIGHT_STD) like tiny_models, norm scales ~ 1 + N(0, 0.1); vision tower and
+    # projector weights use std 1/sqrt(fan_in) so activations stay O(1); the CLS embedding is N(0, 1).
+    reinit_weights_(
+        model,
+        seed,
+        norm_std=0.1,
+        fan_in_names=("vision_tower", "multi_modal_projector"),
+        unit_names=("class_embedding",),
+    )
     model.eval()
     model.save_pretrained(out_dir)
 
@@ -179,15 +152,8 @@ def build_tiny_llava(
 # HF references and inputs
 # ---------------------------------------------------------------------------------------------
 
-_HF_CACHE: dict[str, torch.nn.Module] = {}
-
-
 def load_hf_llava(model_dir) -> torch.nn.Module:
-    key = str(Path(model_dir).resolve())
-    if key not in _HF_CACHE:
-        m = transformers.LlavaForConditionalGeneration.from_pretrained(key, dtype=torch.float32)
-        _HF_CACHE[key] = m.eval()
-    return _HF_CACHE[key]
+    return load_hf_cached(transformers.LlavaForConditionalGeneration, model_dir)
 
 
 def load_image_processor(model_dir):
@@ -206,10 +172,3 @@ def expand_image_tokens(ids: list[int], image_token_id: int, n: int) -> list[int
     for t in ids:
         out.extend([t] * n if t == image_token_id else [t])
     return out
-
-
-def random_image(height: int, width: int, seed: int = 0):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8), "RGB")

@@ -8,12 +8,15 @@ weights, then saved with ``save_pretrained`` exactly as a real checkpoint would 
 
 Public API:
 
-* ``train_tokenizer(out_dir, style)`` -> ``PreTrainedTokenizerFast`` (style "qwen2" or "llama")
+* ``train_tokenizer(out_dir, style)`` -> ``PreTrainedTokenizerFast`` (style "qwen2" or "llama");
+  ``train_tokenizer_with_special_tokens`` and ``reinit_weights_`` (shared by the VLM builders)
 * ``build_tiny_model(out_dir, arch="llama", ...)`` -> ``out_dir`` (config, safetensors, tokenizer,
   generation_config.json)
 * ``hf_greedy(model_dir, prompts_token_ids, max_new_tokens)`` -> new token ids per prompt, from
   HF ``generate`` (reference outputs for the engine; eos kept when generation stopped on it)
-* ``load_hf_model(model_dir)`` -> cached fp32 HF model; ``greedy_margins(model_dir, prompts)`` ->
+* ``load_hf_cached(model_cls, model_dir)`` -> cached fp32 HF model of that class (the VLM test
+  helpers use it too); ``load_hf_model(model_dir)`` -> the same for ``AutoModelForCausalLM``;
+  ``greedy_margins(model_dir, prompts)`` ->
   top1-top2 logit gaps along greedy trajectories (diagnostics)
 
 Imported as a plain module (``import tiny_models``); ``tests/conftest.py`` puts this directory
@@ -31,24 +34,30 @@ from runtime.demo_model import (  # noqa: F401  (re-exported for the tests)
     BIAS_STD,
     WEIGHT_STD,
     build_tiny_model,
+    reinit_weights_,
     train_tokenizer,
+    train_tokenizer_with_special_tokens,
 )
 
 # ---------------------------------------------------------------------------------------------
 # HF reference generation
 # ---------------------------------------------------------------------------------------------
 
-_HF_CACHE: dict[str, torch.nn.Module] = {}
+_HF_CACHE: dict[tuple[str, str], torch.nn.Module] = {}
+
+
+def load_hf_cached(model_cls, model_dir) -> torch.nn.Module:
+    """``model_cls.from_pretrained(model_dir, dtype=float32)`` in eval mode, cached per class and folder."""
+    key = str(Path(model_dir).resolve())
+    if (model_cls.__name__, key) not in _HF_CACHE:
+        m = model_cls.from_pretrained(key, dtype=torch.float32)
+        _HF_CACHE[model_cls.__name__, key] = m.eval()
+    return _HF_CACHE[model_cls.__name__, key]
 
 
 def load_hf_model(model_dir) -> torch.nn.Module:
     """``AutoModelForCausalLM.from_pretrained(model_dir, dtype=float32)``, cached per folder."""
-    key = str(Path(model_dir).resolve())
-    if key not in _HF_CACHE:
-        m = AutoModelForCausalLM.from_pretrained(key, dtype=torch.float32)
-        m.eval()
-        _HF_CACHE[key] = m
-    return _HF_CACHE[key]
+    return load_hf_cached(AutoModelForCausalLM, model_dir)
 
 
 @torch.no_grad()

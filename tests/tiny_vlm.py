@@ -7,6 +7,8 @@ Public API:
   (``<|vision_start|>``, ``<|vision_end|>``, ``<|image_pad|>``, ``<|video_pad|>``) and Qwen2-VL's
   chat template, preprocessor_config.json (``Qwen2VLImageProcessor``, small min/max pixels) and
   generation_config.json.
+* ``build_qwen_vl_checkpoint(out_dir, seed, config_cls, model_cls, vision_config, ...)`` -> the
+  builder shared with ``tiny_vlm25`` (same text side, tokenizer and processor).
 * ``load_hf_qwen2_vl(model_dir)`` -> cached fp32 HF ``Qwen2VLForConditionalGeneration``.
 * ``load_image_processor(model_dir)`` -> the HF image processor (the PIL backend when torchvision
   is missing: ``Qwen2VLImageProcessorPil``).
@@ -17,6 +19,10 @@ Public API:
   patchified here).
 * ``image_prompt_ids(tokenizer, grids, ...)`` -> prompt token ids with one expanded placeholder run
   per image/video grid.
+* ``make_prompt(num_images, text, ...)`` / ``mm(prompt, images)`` -> engine prompts with images.
+* ``hf_image_embeds(hf, image_processor, image)`` -> image embeddings from HF's vision tower.
+* ``hf_greedy_reference(hf, image_processor, tokenizer, max_new_tokens, video_pixels=None)`` ->
+  ``get(text, images, videos)``: expected expanded prompt ids and HF's greedy continuation.
 
 Tiny model: text hidden 64, 2 layers, 4 heads / 2 kv heads (head_dim 16, mrope_section [2, 3, 3]);
 vision depth 2, embed_dim 32, 4 heads, patch 14, spatial merge 2, temporal patch 2, output 64.
@@ -25,6 +31,7 @@ vision depth 2, embed_dim 32, 4 heads, patch 14, spatial merge 2, temporal patch
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +39,7 @@ import torch
 import transformers
 from transformers import GenerationConfig
 
-from tiny_models import BIAS_STD, WEIGHT_STD, train_tokenizer
+from tiny_models import load_hf_cached, reinit_weights_, train_tokenizer_with_special_tokens
 
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 MIN_PIXELS = 56 * 56
@@ -63,58 +70,36 @@ QWEN2_VL_CHAT_TEMPLATE = (
 
 
 def _train_vl_tokenizer(out_dir: Path):
-    tok = train_tokenizer(out_dir, "qwen2")  # <|endoftext|> 0, <|im_start|> 1, <|im_end|> 2
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", *VISION_TOKENS]})
-    tok.chat_template = QWEN2_VL_CHAT_TEMPLATE
-    tok.save_pretrained(out_dir)
-    # Same portability fix as tiny_models' tokenizer: declare Qwen2Tokenizer (as real Qwen2-VL
-    # checkpoints do) and the v4 spelling of the extra special tokens.
-    path = out_dir / "tokenizer_config.json"
-    cfg = json.loads(path.read_text())
-    cfg["tokenizer_class"] = "Qwen2Tokenizer"
-    extra = cfg.pop("extra_special_tokens", None)
-    if isinstance(extra, list) and extra:
-        cfg["additional_special_tokens"] = extra
-    elif extra:
-        cfg["extra_special_tokens"] = extra
-    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
-    return tok
+    # <|endoftext|> 0, <|im_start|> 1, <|im_end|> 2, then the vision tokens; declares
+    # Qwen2Tokenizer, as real Qwen2-VL checkpoints do.
+    return train_tokenizer_with_special_tokens(
+        out_dir, "qwen2", ["<|im_start|>", "<|im_end|>", *VISION_TOKENS], QWEN2_VL_CHAT_TEMPLATE
+    )
 
 
-@torch.no_grad()
-def _reinit_(model: torch.nn.Module, seed: int) -> None:
-    """Weights ~ N(0, WEIGHT_STD) (LM) like tiny_models; biases ~ N(0, BIAS_STD); norm scales ~ 1 + N(0, 0.1).
-
-    Vision weights use std 1/sqrt(fan_in) instead so that activations stay O(1) through the
-    tower (std 0.3 on a 1176-wide patch embedding would give features in the hundreds).
-    """
-    g = torch.Generator().manual_seed(seed + 1)
-    for name, p in model.named_parameters():
-        if name.endswith("bias"):
-            p.copy_(torch.randn(p.shape, generator=g) * BIAS_STD)
-        elif p.dim() == 1:  # RMSNorm / LayerNorm scales: perturbed, so that loading them is tested
-            p.copy_(1.0 + torch.randn(p.shape, generator=g) * 0.1)
-        elif "visual" in name:
-            fan_in = p[0].numel()
-            p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5)
-        else:
-            p.copy_(torch.randn(p.shape, generator=g) * WEIGHT_STD)
-
-
-def build_tiny_qwen2_vl(
+def build_qwen_vl_checkpoint(
     out_dir: Path,
-    seed: int = 0,
+    seed: int,
+    config_cls: type,
+    model_cls: type,
+    vision_config: dict,
     *,
-    tie_word_embeddings: bool = False,
-    max_position_embeddings: int = 2048,
+    tie_word_embeddings: bool,
+    max_position_embeddings: int,
 ) -> Path:
-    """Write a tiny random-weight Qwen2-VL checkpoint to ``out_dir``; returns ``out_dir``."""
+    """Write a tiny random-weight Qwen2-VL-family checkpoint (``config_cls`` / ``model_cls`` with
+    ``vision_config``; the text side, tokenizer and processor are the same for every member).
+
+    Weights: see ``reinit_weights_``: LM weights ~ N(0, WEIGHT_STD) like tiny_models, norm scales
+    ~ 1 + N(0, 0.1); vision weights use std 1/sqrt(fan_in) instead so that activations stay O(1)
+    through the tower (std 0.3 on a 1176-wide patch embedding would give features in the hundreds).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = _train_vl_tokenizer(out_dir)
     ids = {t: tok.convert_tokens_to_ids(t) for t in VISION_TOKENS}
 
-    config = transformers.Qwen2VLConfig(
+    config = config_cls(
         text_config=dict(
             vocab_size=len(tok),
             hidden_size=64,
@@ -130,18 +115,7 @@ def build_tiny_qwen2_vl(
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
         ),
-        vision_config=dict(
-            depth=2,
-            embed_dim=32,
-            num_heads=4,
-            mlp_ratio=4,
-            hidden_act="quick_gelu",
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            in_channels=3,
-            hidden_size=64,
-        ),
+        vision_config=vision_config,
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
@@ -154,8 +128,8 @@ def build_tiny_qwen2_vl(
     config.dtype = torch.float32
 
     torch.manual_seed(seed)
-    model = transformers.Qwen2VLForConditionalGeneration(config).to(torch.float32)
-    _reinit_(model, seed)
+    model = model_cls(config).to(torch.float32)
+    reinit_weights_(model, seed, norm_std=0.1, fan_in_names=("visual",))
     if tie_word_embeddings:
         model.tie_weights()
     model.eval()
@@ -163,6 +137,7 @@ def build_tiny_qwen2_vl(
 
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+    # Qwen2.5-VL uses Qwen2-VL's image processor too.
     Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS).save_pretrained(out_dir)
     # Real checkpoints also carry the v4 keys (read by transformers 4.x and by vLLM-style code).
     path = out_dir / "preprocessor_config.json"
@@ -176,19 +151,43 @@ def build_tiny_qwen2_vl(
     return out_dir
 
 
+def build_tiny_qwen2_vl(
+    out_dir: Path,
+    seed: int = 0,
+    *,
+    tie_word_embeddings: bool = False,
+    max_position_embeddings: int = 2048,
+) -> Path:
+    """Write a tiny random-weight Qwen2-VL checkpoint to ``out_dir``; returns ``out_dir``."""
+    vision_config = dict(
+        depth=2,
+        embed_dim=32,
+        num_heads=4,
+        mlp_ratio=4,
+        hidden_act="quick_gelu",
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_channels=3,
+        hidden_size=64,
+    )
+    return build_qwen_vl_checkpoint(
+        out_dir,
+        seed,
+        transformers.Qwen2VLConfig,
+        transformers.Qwen2VLForConditionalGeneration,
+        vision_config,
+        tie_word_embeddings=tie_word_embeddings,
+        max_position_embeddings=max_position_embeddings,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # HF references and inputs
 # ---------------------------------------------------------------------------------------------
 
-_HF_CACHE: dict[str, torch.nn.Module] = {}
-
-
 def load_hf_qwen2_vl(model_dir) -> torch.nn.Module:
-    key = str(Path(model_dir).resolve())
-    if key not in _HF_CACHE:
-        m = transformers.Qwen2VLForConditionalGeneration.from_pretrained(key, dtype=torch.float32)
-        _HF_CACHE[key] = m.eval()
-    return _HF_CACHE[key]
+    return load_hf_cached(transformers.Qwen2VLForConditionalGeneration, model_dir)
 
 
 def load_image_processor(model_dir):
@@ -242,3 +241,72 @@ def image_prompt_ids(tokenizer, items: list[tuple[str, list[int]]], text: str = 
         parts.append("<|vision_start|>" + pad * (t * h * w // merge**2) + "<|vision_end|>")
     parts.append(text + "<|im_end|>\n<|im_start|>assistant\n")
     return tokenizer("".join(parts)).input_ids
+
+
+def make_prompt(num_images: int, text: str = "Describe this.", system: str | None = None,
+                pad: str = "<|image_pad|>") -> str:
+    """A ChatML prompt with ``num_images`` unexpanded ``<|vision_start|>`` + ``pad`` + ``<|vision_end|>``."""
+    s = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+    s += "<|im_start|>user\n" + f"<|vision_start|>{pad}<|vision_end|>" * num_images
+    return s + text + "<|im_end|>\n<|im_start|>assistant\n"
+
+
+def mm(prompt: str, images) -> dict:
+    return {"prompt": prompt, "multi_modal_data": {"image": images}}
+
+
+def hf_image_embeds(hf, image_processor, image) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image_embeds [n, hidden], image_grid_thw [1, 3]) from HF's own vision tower."""
+    o = image_processor(images=[image], return_tensors="pt")
+    with torch.no_grad():
+        feats = hf.model.get_image_features(o["pixel_values"], o["image_grid_thw"])
+    pooled = feats.pooler_output if hasattr(feats, "pooler_output") else feats
+    embeds = torch.cat(list(pooled)) if isinstance(pooled, (list, tuple)) else pooled
+    return embeds.detach().clone(), o["image_grid_thw"]
+
+
+def hf_greedy_reference(hf, image_processor, tokenizer, max_new_tokens: int, video_pixels=None):
+    """``get(text, images=None, videos=None)`` -> (expected expanded prompt ids, HF greedy continuation),
+    cached per text and item identities.
+
+    Independent of the engine: each ``<|image_pad|>`` / ``<|video_pad|>`` of ``tokenizer(text)``
+    becomes t*h*w/4 pads per HF's grid of the matching item (images through ``image_processor``,
+    videos through ``video_pixels(video) -> (pixel_values_videos, video_grid_thw)``).
+    """
+    cfg = hf.config
+    cache: dict = {}
+
+    def get(text: str, images=None, videos=None) -> tuple[list[int], list[int]]:
+        images, videos = list(images or []), list(videos or [])
+        key = (text, tuple(map(id, images)), tuple(map(id, videos)))
+        if key in cache:
+            return cache[key]
+        kw = {}
+        img_grids, vid_grids = [], []
+        if images:
+            o = image_processor(images=images, return_tensors="pt")
+            kw.update(pixel_values=o["pixel_values"], image_grid_thw=o["image_grid_thw"])
+            img_grids = o["image_grid_thw"].tolist()
+        if videos:
+            pv = [video_pixels(v) for v in videos]
+            kw.update(pixel_values_videos=torch.cat([p for p, _ in pv]), video_grid_thw=torch.cat([g for _, g in pv]))
+            vid_grids = kw["video_grid_thw"].tolist()
+        ids, gi, gv = [], iter(img_grids), iter(vid_grids)
+        for t in tokenizer(text).input_ids:
+            if t == cfg.image_token_id:
+                ids += [t] * (math.prod(next(gi)) // 4)
+            elif t == cfg.video_token_id:
+                ids += [t] * (math.prod(next(gv)) // 4)
+            else:
+                ids.append(t)
+        assert next(gi, None) is None and next(gv, None) is None
+        inp = torch.tensor([ids])
+        if images or videos:
+            kw["mm_token_type_ids"] = (inp == cfg.image_token_id).int() + 2 * (inp == cfg.video_token_id).int()
+        with torch.no_grad():
+            g = hf.generate(input_ids=inp, attention_mask=torch.ones_like(inp), do_sample=False,
+                            max_new_tokens=max_new_tokens, **kw)
+        cache[key] = (ids, g[0, len(ids):].tolist())
+        return cache[key]
+
+    return get
