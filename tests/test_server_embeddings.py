@@ -12,6 +12,7 @@ import numpy as np
 import openai
 import pytest
 import tritonclient.http as httpclient
+from server_harness import running
 from test_server_openai import API_KEY, AUTH, MAX_MODEL_LEN, MESSAGES, Server
 
 from engine import LLM, PoolingParams
@@ -23,13 +24,9 @@ TOL = 1e-5
 @pytest.fixture(scope="module")
 def server(tiny_qwen2, tmp_path_factory):
     srv = Server(tiny_qwen2, tmp_path_factory.mktemp("embed_server") / "server.log", ("--task", "embedding"))
-    try:
-        srv.offline = LLM(model=str(tiny_qwen2), dtype="float32", device="cpu", max_model_len=MAX_MODEL_LEN,
-                          task="embed")
-        srv.wait_ready()
+    with running(srv, lambda: LLM(model=str(tiny_qwen2), dtype="float32", device="cpu", max_model_len=MAX_MODEL_LEN,
+                                  task="embed")):
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,6 @@ import base64
 import http.server
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,19 +19,13 @@ import httpx
 import openai
 import pytest
 import tiny_vlm
+from server_harness import ServerProcess, running, server_env
 
 from engine import LLM, SamplingParams
 
-REPO = Path(__file__).resolve().parent.parent
 MAX_MODEL_LEN = 1024
 FETCH_TIMEOUT_S = 1
 SLOW_SERVER_SLEEP_S = 6
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png_bytes(img) -> bytes:
@@ -56,42 +46,13 @@ def user(*parts: dict, text: str = "What is in the picture?") -> list[dict]:
     return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
 
 
-class Server:
-    """``python -m runtime`` on 127.0.0.1 with free ports; ``wait_ready`` polls /v2/health/ready."""
+class Server(ServerProcess):
+    """``python -m runtime`` serving the tiny Qwen2-VL (no API key, no proxy for 127.0.0.1)."""
 
     def __init__(self, model_dir: Path, log_path: Path, extra: list[str], env: dict[str, str]) -> None:
-        self.port, self.grpc_port = _free_port(), _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        full_env = {k: v for k, v in os.environ.items() if k != "VLMSERVE_API_KEY"}
-        full_env.update(env, PYTHONPATH=str(REPO), NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
-        cmd = [sys.executable, "-m", "runtime", "--model_name=tiny-vl", f"--model_dir={model_dir}",
-               "--http_port", str(self.port), "--grpc_port", str(self.grpc_port), "--host", "127.0.0.1",
-               "--dtype", "float32", "--device", "cpu", "--max_model_len", str(MAX_MODEL_LEN), *extra]
-        self.log = open(log_path, "w")  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def tail(self) -> str:
-        return self.log_path.read_text()[-4000:]
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server not ready after {timeout} s:\n{self.tail()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.log.close()
+        args = ["--dtype", "float32", "--device", "cpu", "--max_model_len", str(MAX_MODEL_LEN), *extra]
+        no_proxy = "127.0.0.1,localhost"
+        super().__init__(model_dir, log_path, "tiny-vl", args, server_env(**env, NO_PROXY=no_proxy, no_proxy=no_proxy))
 
 
 class ImageHandler(http.server.BaseHTTPRequestHandler):
@@ -157,14 +118,10 @@ def server(vlm_dir, media_dir, tmp_path_factory):
     srv = Server(vlm_dir, tmp_path_factory.mktemp("server") / "server.log",
                  ["--limit-mm-per-prompt", "image=2", "--allowed-local-media-path", str(media_dir)],
                  {"VLLM_IMAGE_FETCH_TIMEOUT": str(FETCH_TIMEOUT_S)})
-    try:
-        # The offline reference loads while the server starts.
-        srv.offline = LLM(model=str(vlm_dir), dtype="float32", device="cpu", max_model_len=MAX_MODEL_LEN,
-                          limit_mm_per_prompt={"image": 2}, allowed_local_media_path=str(media_dir))
-        srv.wait_ready()
+    # The offline reference loads while the server starts.
+    with running(srv, lambda: LLM(model=str(vlm_dir), dtype="float32", device="cpu", max_model_len=MAX_MODEL_LEN,
+                                  limit_mm_per_prompt={"image": 2}, allowed_local_media_path=str(media_dir))):
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

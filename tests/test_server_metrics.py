@@ -9,12 +9,9 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import re
 import shutil
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,8 +20,8 @@ import openai
 import pytest
 import tiny_vlm
 from prometheus_client.parser import text_string_to_metric_families
+from server_harness import ServerProcess, running, server_env
 
-REPO = Path(__file__).resolve().parent.parent
 MODEL = "tiny-vl"
 MAX_MODEL_LEN = 1024
 NUM_BLOCKS = 72  # 71 usable blocks of 16 tokens: one max_model_len request fits, two long ones do not
@@ -39,41 +36,11 @@ HISTOGRAMS = ["vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seco
               "vllm:request_prompt_tokens", "vllm:request_generation_tokens", "vlmserve:image_preprocess_seconds"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
+class Server(ServerProcess):
     def __init__(self, model_dir: Path, log_path: Path) -> None:
-        self.port, self.grpc_port = _free_port(), _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        env = {k: v for k, v in os.environ.items() if k != "VLMSERVE_API_KEY"}
-        env["PYTHONPATH"] = str(REPO)
-        cmd = [sys.executable, "-m", "runtime", f"--model_name={MODEL}", f"--model_dir={model_dir}",
-               "--http_port", str(self.port), "--grpc_port", str(self.grpc_port), "--host", "127.0.0.1",
-               "--dtype", "float32", "--device", "cpu", "--max_model_len", str(MAX_MODEL_LEN),
-               "--num-gpu-blocks-override", str(NUM_BLOCKS), "--limit-mm-per-prompt", "image=2"]
-        self.log = open(log_path, "w")  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def tail(self) -> str:
-        return self.log_path.read_text()[-4000:]
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server not ready after {timeout} s:\n{self.tail()}")
+        args = ["--dtype", "float32", "--device", "cpu", "--max_model_len", str(MAX_MODEL_LEN),
+                "--num-gpu-blocks-override", str(NUM_BLOCKS), "--limit-mm-per-prompt", "image=2"]
+        super().__init__(model_dir, log_path, MODEL, args, server_env())
 
     def metrics_text(self) -> str:
         r = httpx.get(f"{self.url}/metrics", timeout=5)
@@ -90,12 +57,6 @@ class Server:
                 labels = tuple(sorted((k, v) for k, v in s.labels.items() if k != "model_name"))
                 out[(s.name, labels)] = s.value
         return out
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.log.close()
 
 
 def value(m: dict, name: str, **labels: str) -> float:
@@ -114,12 +75,9 @@ def vlm_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(vlm_dir, tmp_path_factory):
     srv = Server(vlm_dir, tmp_path_factory.mktemp("server") / "server.log")
-    try:
+    with running(srv):
         srv.vocab_size = json.loads((vlm_dir / "config.json").read_text())["text_config"]["vocab_size"]
-        srv.wait_ready()
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -5,65 +5,29 @@ n, stop strings, logprobs, errors, API key, client disconnects and SIGTERM."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from server_harness import ServerProcess, running, server_env
 
 from engine import LLM, SamplingParams
 
-REPO = Path(__file__).resolve().parent.parent
 API_KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 MAX_MODEL_LEN = 1024
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me about the sea."}]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
+class Server(ServerProcess):
     def __init__(self, model_dir: Path, log_path: Path, extra_args: tuple[str, ...] = ()) -> None:
-        self.port, self.grpc_port = _free_port(), _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        env = dict(os.environ, VLMSERVE_API_KEY=API_KEY, PYTHONPATH=str(REPO))
-        cmd = [sys.executable, "-m", "runtime", "--model_name=tiny", f"--model_dir={model_dir}",
-               "--http_port", str(self.port), "--grpc_port", str(self.grpc_port), "--host", "127.0.0.1",
-               "--served-model-name", "tiny-alias", "--dtype", "float32", "--device", "cpu",
-               "--max_model_len", str(MAX_MODEL_LEN), "--graceful_shutdown_timeout", "20", *extra_args]
-        self.log = open(log_path, "w")  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        self.saw_not_ready = False
-
-    def tail(self) -> str:
-        return self.log_path.read_text()[-4000:]
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                r = httpx.get(f"{self.url}/v2/health/ready", timeout=2)
-                if r.status_code == 200:
-                    return
-                self.saw_not_ready = True
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server not ready after {timeout} s:\n{self.tail()}")
+        args = ["--served-model-name", "tiny-alias", "--dtype", "float32", "--device", "cpu",
+                "--max_model_len", str(MAX_MODEL_LEN), "--graceful_shutdown_timeout", "20", *extra_args]
+        super().__init__(model_dir, log_path, "tiny", args, server_env(api_key=API_KEY))
 
     def gauge(self, name: str = "vllm:num_requests_running") -> float:
         text = httpx.get(f"{self.url}/metrics", timeout=5).text
@@ -71,23 +35,13 @@ class Server:
         assert m, text
         return float(m.group(1))
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.log.close()
-
 
 @pytest.fixture(scope="module")
 def server(tiny_qwen2, tmp_path_factory):
     srv = Server(tiny_qwen2, tmp_path_factory.mktemp("server") / "server.log")
-    try:
-        # The offline reference engine loads while the server starts.
-        srv.offline = LLM(model=str(tiny_qwen2), dtype="float32", device="cpu", max_model_len=MAX_MODEL_LEN)
-        srv.wait_ready()
+    # The offline reference engine loads while the server starts.
+    with running(srv, lambda: LLM(model=str(tiny_qwen2), dtype="float32", device="cpu", max_model_len=MAX_MODEL_LEN)):
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
+from server_harness import running
 from test_server_openai import API_KEY, AUTH, MAX_MODEL_LEN, Server
 from tiny_vlm import build_tiny_qwen2_vl, random_image
 from tritonclient.utils import InferenceServerException
@@ -73,12 +74,8 @@ def vlm_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(vlm_dir, tmp_path_factory):
     srv = Server(vlm_dir, tmp_path_factory.mktemp("v2_server") / "server.log")
-    try:
-        srv.offline = LLM(model=str(vlm_dir), dtype="float32", device="cpu", max_model_len=MAX_MODEL_LEN)
-        srv.wait_ready()
+    with running(srv, lambda: LLM(model=str(vlm_dir), dtype="float32", device="cpu", max_model_len=MAX_MODEL_LEN)):
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")
