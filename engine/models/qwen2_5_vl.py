@@ -37,6 +37,7 @@ from engine.models.layers import RMSNorm, _rotate_half, activation
 from engine.models.qwen2_vl import (
     PatchMerger,
     Qwen2VLForConditionalGeneration,
+    VisionAttention,
     VisionPatchEmbed,
     VisionTowerBase,
     _grid_list,
@@ -114,13 +115,8 @@ def _segment_groups(lengths: Sequence[int], device: torch.device) -> list[torch.
 # ---------------------------------------------------------------------------------------------
 
 
-class Qwen2_5_VisionAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
-        self.proj = nn.Linear(dim, dim, bias=True)
+class Qwen2_5_VisionAttention(VisionAttention):
+    """Qwen2-VL's vision attention (same ``qkv`` / ``proj``) over window or full-frame groups."""
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, groups: Sequence[torch.Tensor]
