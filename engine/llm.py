@@ -7,9 +7,7 @@ bad prompt fails before anything is queued), then the core is stepped until all 
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from engine.config import EngineArgs
@@ -28,9 +26,6 @@ from engine.request import EngineRequest
 from engine.sampling_params import SamplingParams
 
 Conversation = list[dict[str, Any]]
-
-# Threads preprocessing multimodal prompts in generate() / embed().
-_MAX_PROCESS_WORKERS = 16
 
 
 class LLM:
@@ -76,7 +71,9 @@ class LLM:
         if self.config.model.is_pooling:
             raise ValueError("generate: this engine serves embeddings (task='embed'); use embed()")
         # Validate and tokenise everything before queuing anything.
-        processed = self._process_all(prompt_list, params_list)
+        processed = [
+            self.processor.process(str(next(self._counter)), p, sp) for p, sp in zip(prompt_list, params_list)
+        ]
         order = []
         for text, req in processed:
             self._add(text, req, OutputKind.FINAL_ONLY)
@@ -106,7 +103,9 @@ class LLM:
                 )
         if not self.config.model.is_pooling:
             raise ValueError("embed: this engine serves generation; create it with LLM(..., task='embed')")
-        processed = self._process_all(prompt_list, params_list)
+        processed = [
+            self.processor.process(str(next(self._counter)), p, pp) for p, pp in zip(prompt_list, params_list)
+        ]
         order = []
         for text, req in processed:
             self.output_processor.add_pooling_request(req.request_id, text, req.prompt_token_ids)
@@ -139,32 +138,6 @@ class LLM:
         prompts = [self.processor.chat_prompt(c, self.media_loader, chat_template, add_generation_prompt)
                    for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm and len(prompts) > 1)
-
-    def _process_all(self, prompts: list[PromptType], params: list[Any]) -> list[tuple[str | None, EngineRequest]]:
-        """InputProcessor.process for every prompt, in order; the first failing prompt (in order)
-        raises. Prompts with images / videos are processed on a thread pool (the image processors
-        spend most of their time outside the GIL); text-only lists stay serial."""
-        ids = [str(next(self._counter)) for _ in prompts]
-        mm = [i for i, p in enumerate(prompts) if isinstance(p, dict) and p.get("multi_modal_data")]
-        workers = min(_MAX_PROCESS_WORKERS, os.cpu_count() or 1, len(mm))
-        if workers < 2:
-            return [self.processor.process(rid, p, sp) for rid, p, sp in zip(ids, prompts, params)]
-        results: list[Any] = [None] * len(prompts)
-        # The first multimodal prompt runs alone: it loads the processors lazily (no race).
-        first = mm[0]
-        for i in range(first + 1):
-            results[i] = self.processor.process(ids[i], prompts[i], params[i])
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vlmserve-process") as pool:
-            futures = [(i, pool.submit(self.processor.process, ids[i], prompts[i], params[i]))
-                       for i in range(first + 1, len(prompts))]
-            try:
-                for i, fut in futures:  # in order: the first bad prompt's error is the one raised
-                    results[i] = fut.result()
-            except BaseException:
-                for _, fut in futures:
-                    fut.cancel()
-                raise
-        return results
 
     def _add(self, prompt: str | None, req: EngineRequest, kind: OutputKind) -> None:
         children = split_children(req)

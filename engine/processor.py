@@ -7,7 +7,6 @@ queued, and raises ValueError naming the field.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import replace
 from typing import Any
 
@@ -33,7 +32,6 @@ class InputProcessor:
     def __init__(self, config: EngineConfig, tokenizer: Any) -> None:
         self.config = config
         self.tokenizer = tokenizer
-        self._tokenizer_lock = threading.Lock()
         self.max_model_len = config.scheduler.max_model_len
         self.vocab_size = config.model.hf_config.get_text_config().vocab_size
         config_eos = config.model.eos_token_ids
@@ -43,16 +41,10 @@ class InputProcessor:
         self.extra_eos_ids = tuple(t for t in config_eos if t != self.eos_token_id)
         self.mm_processor = get_mm_processor(config, tokenizer)
 
-    def _encode(self, text: str) -> list[int]:
-        # HF fast tokenizers are not safe to call from several threads at once ("Already
-        # borrowed"); LLM.generate processes multimodal prompts on a thread pool.
-        with self._tokenizer_lock:
-            return self.tokenizer(text).input_ids
-
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """(prompt text or None, token ids) of a str, {"prompt": ...} or {"prompt_token_ids": ...}."""
         if isinstance(prompt, str):
-            return prompt, self._encode(prompt)
+            return prompt, self.tokenizer(prompt).input_ids
         if not isinstance(prompt, dict):
             raise ValueError(f"prompt: expected a str or a dict, got {type(prompt).__name__}")
         if "prompt_token_ids" in prompt:
@@ -66,7 +58,7 @@ class InputProcessor:
         if "prompt" in prompt:
             if not isinstance(prompt["prompt"], str):
                 raise ValueError("prompt: must be a string")
-            return prompt["prompt"], self._encode(prompt["prompt"])
+            return prompt["prompt"], self.tokenizer(prompt["prompt"]).input_ids
         raise ValueError("prompt: a dict prompt needs 'prompt' or 'prompt_token_ids'")
 
     def apply_chat_template(
