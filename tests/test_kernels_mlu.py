@@ -13,9 +13,9 @@ import types
 
 import pytest
 import torch
+from paged_cases import build_metadata
 
 from kernels import registry
-from kernels.backend import AttentionMetadata
 from kernels.torch_ref import TorchReferenceBackend
 
 
@@ -94,26 +94,6 @@ def test_mlu_cache_layout():
     assert MLUOpsBackend.kv_cache_shape(None, 10, 16, 2, 64) == (2, 10, 2, 16, 64)
 
 
-def _metadata(blocks_per_seq, seq_lens, query_lens, block_size):
-    qsl = [0]
-    for q in query_lens:
-        qsl.append(qsl[-1] + q)
-    width = max(len(b) for b in blocks_per_seq)
-    table = torch.zeros(len(seq_lens), width, dtype=torch.int32)
-    for i, b in enumerate(blocks_per_seq):
-        table[i, : len(b)] = torch.tensor(b, dtype=torch.int32)
-    slots = []
-    for b, length, q in zip(blocks_per_seq, seq_lens, query_lens):
-        for p in range(length - q, length):
-            slots.append(b[p // block_size] * block_size + p % block_size)
-    return AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.long), block_tables=table,
-        query_start_loc=torch.tensor(qsl, dtype=torch.int32), seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        max_query_len=max(query_lens), max_seq_len=max(seq_lens), block_size=block_size,
-        query_start_loc_cpu=qsl, seq_lens_cpu=list(seq_lens),
-    )
-
-
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
 def test_mlu_backend_matches_reference(fake_ops, heads, kv_heads):
     from kernels.mlu_ops import MLUOpsBackend
@@ -130,7 +110,7 @@ def test_mlu_backend_matches_reference(fake_ops, heads, kv_heads):
     steps = [([11, 10, 4], [11, 10, 4]), ([19, 10, 30], [8, 0, 26]), ([20, 11, 31], [1, 1, 1])]
     for seq_lens, qlens in steps:
         keep = [i for i, q in enumerate(qlens) if q > 0]
-        meta = _metadata([blocks[i] for i in keep], [seq_lens[i] for i in keep], [qlens[i] for i in keep], bs)
+        meta = build_metadata([(seq_lens[i], qlens[i]) for i in keep], [blocks[i] for i in keep], bs)
         n = sum(qlens)
         q = torch.randn(n, heads, dim)
         k = torch.randn(n, kv_heads, dim)

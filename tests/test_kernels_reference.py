@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from paged_cases import build_metadata, scattered_tables, slots_for
 
 import kernels
 from kernels import AttentionMetadata, get_backend, register_backend
@@ -49,15 +50,7 @@ class Case:
         self.bs = block_size
         self.dtype = dtype
         g = torch.Generator().manual_seed(seed)
-        blocks_per_seq = [math.ceil(ctx / block_size) for ctx, _ in seqs]
-        needed = sum(blocks_per_seq)
-        num_blocks = 1 + needed + 7  # null block + data + spare blocks that stay garbage
-        # scattered, shuffled ids from 1..num_blocks-1 (block 0 never holds real data)
-        perm = (torch.randperm(num_blocks - 1, generator=g) + 1).tolist()
-        self.tables = []
-        for n in blocks_per_seq:
-            self.tables.append(perm[:n])
-            perm = perm[n:]
+        self.tables, num_blocks = scattered_tables(seqs, block_size, g)
         shape = self.backend.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
         assert shape == (2, num_blocks, block_size, num_kv_heads, head_dim)
         # finite garbage everywhere, including block 0 and the tails of partial blocks
@@ -69,8 +62,7 @@ class Case:
         self.table_pad = table_pad
 
     def slots(self, i, positions):
-        t = self.tables[i]
-        return [t[p // self.bs] * self.bs + p % self.bs for p in positions]
+        return slots_for(self.tables[i], positions, self.bs)
 
     def write_prefixes(self):
         """An earlier step: the cached context (all but the last query_len tokens of each sequence)."""
@@ -84,29 +76,7 @@ class Case:
             self.backend.write_kv(torch.cat(keys), torch.cat(vals), self.kv_cache, torch.tensor(slots, dtype=torch.int64))
 
     def metadata(self):
-        qlens = [ql for _, ql in self.seqs]
-        ctxs = [ctx for ctx, _ in self.seqs]
-        qsl = [0]
-        for ql in qlens:
-            qsl.append(qsl[-1] + ql)
-        slots = []
-        for i, (ctx, ql) in enumerate(self.seqs):
-            slots += self.slots(i, range(ctx - ql, ctx))
-        width = max(len(t) for t in self.tables) + self.table_pad
-        tables = torch.zeros(len(self.seqs), width, dtype=torch.int32)
-        for i, t in enumerate(self.tables):
-            tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        return AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64),
-            block_tables=tables,
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32),
-            seq_lens=torch.tensor(ctxs, dtype=torch.int32),
-            max_query_len=max(qlens),
-            max_seq_len=max(ctxs),
-            block_size=self.bs,
-            query_start_loc_cpu=qsl,
-            seq_lens_cpu=ctxs,
-        )
+        return build_metadata(self.seqs, self.tables, self.bs, self.table_pad)
 
     def run(self):
         self.write_prefixes()

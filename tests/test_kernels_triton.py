@@ -33,6 +33,8 @@ elif INTERPRET:
 else:
     pytest.skip("needs a CUDA device (or TRITON_INTERPRET=1)", allow_module_level=True)
 
+from paged_cases import build_metadata, scattered_tables, slots_for
+
 from kernels import AttentionMetadata, get_backend
 from kernels.torch_ref import TorchReferenceBackend
 from kernels.triton_attention import TritonBackend
@@ -79,13 +81,7 @@ class Case:
         self.seqs, self.bs, self.dtype = seqs, block_size, dtype
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         g = torch.Generator().manual_seed(seed)
-        blocks_per_seq = [math.ceil(ctx / block_size) for ctx, _ in seqs]
-        num_blocks = 1 + sum(blocks_per_seq) + 7  # null block + data + spare garbage blocks
-        perm = (torch.randperm(num_blocks - 1, generator=g) + 1).tolist()
-        self.tables = []
-        for n in blocks_per_seq:
-            self.tables.append(perm[:n])
-            perm = perm[n:]
+        self.tables, num_blocks = scattered_tables(seqs, block_size, g)
         shape = TRITON.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
         assert shape == TORCH.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
         self.cache0 = (torch.randn(shape, generator=g) * 30).to(dtype).to(DEVICE)
@@ -96,33 +92,10 @@ class Case:
         self.table_pad = table_pad
 
     def slots(self, i, positions):
-        t = self.tables[i]
-        return [t[p // self.bs] * self.bs + p % self.bs for p in positions]
+        return slots_for(self.tables[i], positions, self.bs)
 
     def metadata(self):
-        qlens = [ql for _, ql in self.seqs]
-        ctxs = [ctx for ctx, _ in self.seqs]
-        qsl = [0]
-        for ql in qlens:
-            qsl.append(qsl[-1] + ql)
-        slots = []
-        for i, (ctx, ql) in enumerate(self.seqs):
-            slots += self.slots(i, range(ctx - ql, ctx))
-        width = max(len(t) for t in self.tables) + self.table_pad
-        tables = torch.zeros(len(self.seqs), width, dtype=torch.int32)
-        for i, t in enumerate(self.tables):
-            tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        return AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=DEVICE),
-            block_tables=tables.to(DEVICE),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=DEVICE),
-            seq_lens=torch.tensor(ctxs, dtype=torch.int32, device=DEVICE),
-            max_query_len=max(qlens),
-            max_seq_len=max(ctxs),
-            block_size=self.bs,
-            query_start_loc_cpu=qsl,
-            seq_lens_cpu=ctxs,
-        )
+        return build_metadata(self.seqs, self.tables, self.bs, self.table_pad, device=DEVICE)
 
     def run(self, backend):
         """An earlier step writes the cached prefixes, this step writes its tokens and attends."""
