@@ -106,6 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--text-tokens", type=int, default=42, help="text tokens per prompt (vision start/end included)")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--no-async-scheduling", action="store_true", help="every engine step synchronous")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--batch1-tokens", type=int, default=512)
     p.add_argument("--ttft-repeats", type=int, default=5)
@@ -332,23 +333,23 @@ def greedy_params(n: int) -> SamplingParams:
 
 
 class StepRecorder:
-    """Host timestamps of every engine step (no synchronisation added: the sampler's .tolist()
-    already waits for the GPU each step), and what each step scheduled."""
+    """Host timestamps of every engine step (no synchronisation added: each step() waits for the
+    tokens of the step it returns), and what that step computed. With async scheduling a call
+    returns the step launched by the previous call while the next one runs."""
 
     def __init__(self, llm: LLM) -> None:
         self.llm = llm
         self.core_step = llm.core.step
-        self.schedule = llm.core.scheduler.schedule
+        self.process = llm.core._process
         self.steps: list[tuple[float, float, int, int]] = []  # (start, end, tokens, requests)
         self._last = (0, 0)
 
     def __enter__(self):
         rec = self
 
-        def schedule():
-            out = rec.schedule()
+        def process(out, result):
             rec._last = (out.num_batched_tokens, len(out.scheduled))
-            return out
+            return rec.process(out, result)
 
         def step():
             rec._last = (0, 0)
@@ -358,12 +359,12 @@ class StepRecorder:
                 rec.steps.append((t0, time.perf_counter(), *rec._last))
             return r
 
-        self.llm.core.scheduler.schedule = schedule
+        self.llm.core._process = process
         self.llm.core.step = step
         return self
 
     def __exit__(self, *exc) -> None:
-        del self.llm.core.scheduler.schedule
+        del self.llm.core._process
         del self.llm.core.step
 
 
@@ -460,9 +461,12 @@ class _CallableProxy:
 
 
 def run_breakdown(llm: LLM, reqs: list[dict], out_len: int, device: torch.device) -> dict:
+    """Synchronised timers around the parts of a run; async scheduling is off meanwhile (a timer
+    that waits for the GPU would serialise it anyway)."""
     core, runner = llm.core, llm.core.runner
     timers = Timers(device)
     sampler = runner.sampler
+    async_was, core.async_scheduling = core.async_scheduling, False
 
     def set_phase(sched_out):
         timers.phase = "decode-only steps" if sched_out.num_batched_tokens == len(sched_out.scheduled) else "steps with prefill"
@@ -473,13 +477,13 @@ def run_breakdown(llm: LLM, reqs: list[dict], out_len: int, device: torch.device
     timers.wrap(core.scheduler, "schedule", "scheduler.schedule",
                 phase_from_result=lambda out: set_phase(out) if out.scheduled else None)
     timers.wrap(core.scheduler, "update_from_output", "scheduler.update_from_output")
-    timers.wrap(runner, "execute", "runner.execute total", phase_setter=set_phase)
+    timers.wrap(runner, "launch", "runner.execute total", phase_setter=set_phase)
     timers.wrap(runner, "prepare", "runner.prepare (host arrays + H2D)")
     timers.wrap(runner, "_merge_multimodal", "embed + merge (incl. vision tower)")
     timers.wrap(runner.model, "embed_multimodal", "vision tower")
     timers.wrap(runner.model, "forward", "LM forward (28 layers)")
     timers.wrap(runner.model, "compute_logits", "LM head (logits)")
-    runner.sampler = _CallableProxy(sampler, timers.timed(sampler, "sampler"))
+    timers.wrap(sampler, "sample", "sampler")
     timers.wrap(llm.output_processor, "process", "output processing (detokenise)", gpu=False)
     timers.wrap(core, "step", "engine step total")
 
@@ -491,7 +495,7 @@ def run_breakdown(llm: LLM, reqs: list[dict], out_len: int, device: torch.device
         total = time.perf_counter() - t0
     finally:
         timers.unwrap()
-        runner.sampler = sampler
+        core.async_scheduling = async_was
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     rows = {k: {"seconds": v, "calls": timers.calls[k], "ms_per_call": 1e3 * v / max(1, timers.calls[k]),
                 "share_of_total": v / total} for k, v in sorted(timers.seconds.items())}
@@ -529,17 +533,27 @@ def kernel_category(name: str) -> str:
     return "elementwise / other"
 
 
+class _Done:
+    """A step already collected (the profiler wraps launch + collect in one call)."""
+
+    token_ids = None
+
+    def __init__(self, result: Any) -> None:
+        self.result = result
+
+
 def run_profile(llm: LLM, reqs: list[dict], out_len: int, n_steps: int, device: torch.device) -> dict:
     """torch.profiler over ``n_steps`` decode-only runner.execute calls (and the first prefill one)."""
     from torch.profiler import ProfilerActivity, profile
 
     runner = llm.core.runner
-    execute = runner.execute
+    execute = runner.execute  # launch + collect: async scheduling is off while profiling
+    async_was, llm.core.async_scheduling = llm.core.async_scheduling, False
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     state = {"decode": 0, "prefill": 0}
     captures: dict[str, list] = {"decode": [], "prefill": []}
 
-    def profiled(sched_out):
+    def profiled(sched_out, prev=None):
         kind = "decode" if sched_out.num_batched_tokens == len(sched_out.scheduled) else "prefill"
         limit = n_steps if kind == "decode" else 1
         # profile decode steps only once the batch is at its largest (every request admitted)
@@ -555,11 +569,14 @@ def run_profile(llm: LLM, reqs: list[dict], out_len: int, n_steps: int, device: 
         captures[kind].append((prof, wall, sched_out.num_batched_tokens, len(sched_out.scheduled)))
         return result
 
-    runner.execute = profiled
+    runner.launch = lambda sched_out, prev=None: _Done(profiled(sched_out))
+    runner_collect = runner.collect
+    runner.collect = lambda h: h.result if isinstance(h, _Done) else runner_collect(h)
     try:
         llm.generate(reqs, greedy_params(out_len), use_tqdm=False)
     finally:
-        del runner.execute
+        del runner.launch, runner.collect
+        llm.core.async_scheduling = async_was
     result = {}
     for kind, caps in captures.items():
         if not caps:
@@ -675,7 +692,8 @@ def main(argv=None) -> int:
                       timing="from PIL images: image preprocessing included"),
         engine_args=dict(dtype=str(dtype).removeprefix("torch."), device=device.type, max_num_seqs=args.max_num_seqs,
                          max_num_batched_tokens=args.max_num_batched_tokens,
-                         gpu_memory_utilization=args.gpu_memory_utilization),
+                         gpu_memory_utilization=args.gpu_memory_utilization,
+                         async_scheduling=not args.no_async_scheduling),
         architecture_md_baselines=ARCH_BASELINES, sections_seconds={}, errors={},
     )
     try:
@@ -747,7 +765,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         llm = LLM(str(model_dir), dtype=str(dtype).removeprefix("torch."), device=device.type,
                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                  gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed)
+                  gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
+                  async_scheduling=not args.no_async_scheduling)
         eng = result["engine"] = dict(
             init_seconds=time.perf_counter() - t0, attention_backend=llm.core.runner.backend.name,
             num_kv_blocks=llm.core.runner.num_blocks, block_size=llm.config.cache.block_size,
@@ -806,6 +825,17 @@ def main(argv=None) -> int:
                    batch1_ttft_in_decode_run_ms=1e3 * ttft_in_run,
                    batch1_decode_step_ms_median_inside_step=statistics.median(step_ms) if step_ms else None)
         log(f"batch 1: TTFT {eng['batch1_ttft_ms']:.1f} ms (median of {len(ttfts)}), decode {eng['batch1_decode_ms']:.2f} ms/step")
+        if llm.core.async_scheduling:
+            # the same decode with every step synchronous: what async scheduling buys, same process
+            llm.core.async_scheduling = False
+            try:
+                t0 = time.perf_counter()
+                llm.generate(inputs.requests(1_000_200, 1), greedy_params(n), use_tqdm=False)
+                total_sync = time.perf_counter() - t0
+            finally:
+                llm.core.async_scheduling = True
+            eng["batch1_decode_ms_async_off"] = 1e3 * (total_sync - ttft_in_run) / (n - 1)
+            log(f"batch 1 decode with async scheduling off: {eng['batch1_decode_ms_async_off']:.2f} ms/step")
 
     with section("engine breakdown"):
         bd = run_breakdown(llm, inputs.requests(2_000_000, args.breakdown_requests), args.output_len, device)

@@ -65,8 +65,11 @@ class BlockManager:
 
     # -- prefix cache ---------------------------------------------------------------------------
     def _update_hashes(self, req: Request, upto_tokens: int) -> None:
-        """Extend req.block_hashes to cover every full block among the first ``upto_tokens`` tokens."""
+        """Extend req.block_hashes to cover every full block among the first ``upto_tokens`` tokens
+        whose ids are known: a block that a still-pending sampled token would complete (async
+        scheduling allocates ahead of it) is hashed once that token is appended."""
         bs = self.block_size
+        upto_tokens = min(upto_tokens, req.num_tokens)
         while (len(req.block_hashes) + 1) * bs <= upto_tokens:
             i = len(req.block_hashes)
             parent = req.block_hashes[-1] if req.block_hashes else None

@@ -70,6 +70,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     max_model_len: int
     enable_chunked_prefill: bool
+    # Launch the next decode step before this one's sampled tokens reach the host, so that host
+    # work (scheduling, input prep, detokenising) overlaps the device (vLLM's --async-scheduling).
+    async_scheduling: bool = True
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,9 @@ class EngineArgs:
     pooling_type: str | None = None
     # CUDA: run every step eagerly (no CUDA graphs for decode-only steps), as vLLM's flag.
     enforce_eager: bool = False
+    # Overlap host work with the device: launch decode step n+1 before step n's tokens are read
+    # back (vLLM's --async-scheduling). Outputs are the same; off runs every step synchronously.
+    async_scheduling: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def media_config(self) -> "MediaConfig":
@@ -207,6 +213,7 @@ class EngineArgs:
             max_num_batched_tokens=max_batched,
             max_model_len=max_model_len,
             enable_chunked_prefill=self.enable_chunked_prefill,
+            async_scheduling=bool(self.async_scheduling),
         )
         return EngineConfig(model, cache, sched, platform, self.attention_backend)
 

@@ -12,10 +12,10 @@ from typing import Any
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, RunnerOutput, StepHandle
 from engine.request import EngineRequest, Request, RequestStatus
 from engine.sampler import TokenLogprob
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, SchedulerOutput
 
 
 @dataclass
@@ -65,6 +65,9 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self._aborted: list[EngineCoreOutput] = []
         self.last_step_time = 0.0
+        # Async scheduling: the chained step launched by the previous step() call, if any.
+        self._inflight: tuple[SchedulerOutput, StepHandle] | None = None
+        self.async_scheduling = config.scheduler.async_scheduling
 
     def add_request(self, req: EngineRequest) -> None:
         if not req.prompt_token_ids:
@@ -91,16 +94,35 @@ class EngineCore:
             self._aborted.append(EngineCoreOutput(req.request_id, [], finish_reason="abort"))
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._aborted)
+        return self.scheduler.has_unfinished() or bool(self._aborted) or self._inflight is not None
 
     def step(self) -> list[EngineCoreOutput]:
+        """Run one step and return what it produced.
+
+        With async scheduling, a decode step's successor is scheduled and launched before the step's
+        own tokens are read back, so the host's scheduling, input preparation and output handling
+        overlap the device; the successor is collected by the next call."""
         outputs, self._aborted = self._aborted, []
-        sched_out = self.scheduler.schedule()
-        if sched_out.is_empty:
-            return outputs
         t0 = time.perf_counter()
-        result = self.runner.execute(sched_out)
+        if self._inflight is not None:
+            sched_out, handle = self._inflight
+            self._inflight = None
+        else:
+            sched_out = self.scheduler.schedule()
+            if sched_out.is_empty:
+                return outputs
+            handle = self.runner.launch(sched_out)
+        if self.async_scheduling and handle.token_ids is not None:
+            nxt = self.scheduler.schedule_next(sched_out)
+            if nxt is not None:
+                self._inflight = (nxt, self.runner.launch(nxt, prev=handle))
+        result = self.runner.collect(handle)
         self.last_step_time = time.perf_counter() - t0
+        return outputs + self._process(sched_out, result)
+
+    def _process(self, sched_out: SchedulerOutput, result: RunnerOutput) -> list[EngineCoreOutput]:
+        """Advance the scheduler with a step's results; one output per request that got a token."""
+        outputs: list[EngineCoreOutput] = []
         for rid in sched_out.preempted:
             self.runner.encoder_cache.release(rid)
         for req in self.scheduler.update_from_output(sched_out, result.sampled, result.pooled):

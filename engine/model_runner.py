@@ -43,6 +43,20 @@ class ForwardBatch:
 
 
 @dataclass
+class StepHandle:
+    """A launched step whose sampled tokens may still be on their way to the host."""
+
+    batch: ForwardBatch
+    # token_ids: [num_sampled] int64 on the device, row r sampled for batch.sample_reqs[r]
+    token_ids: torch.Tensor | None
+    logprobs: dict[str, list[TokenLogprob]]
+    pooled: dict[str, torch.Tensor]
+    # CUDA: a pinned host copy of token_ids in flight, and the event that marks it complete
+    host_tokens: torch.Tensor | None = None
+    event: object | None = None
+
+
+@dataclass
 class RunnerOutput:
     sampled: dict[str, int]
     logprobs: dict[str, list[TokenLogprob]]
@@ -156,6 +170,9 @@ class ModelRunner:
         self._pos_t = buf((3, n) if self.uses_mrope else n, torch.int64)
         self._slots_t = buf(n, torch.int64)
         self._seqlens_t = buf(n, torch.int32)
+        # Two pinned landing buffers for sampled tokens: at most two steps are in flight.
+        self._token_host = [buf(n, torch.int64) for _ in range(2)]
+        self._token_flip = 0
         self._qsl_t = torch.arange(n + 1, dtype=torch.int32)
         self._logits_t = torch.arange(n, dtype=torch.int64)
         if pin:
@@ -175,20 +192,25 @@ class ModelRunner:
             return False
         for req, n in out.scheduled:
             if n != 1 or req.num_computed_tokens + 1 != len(req.all_token_ids) \
-                    or req.num_computed_tokens < len(req.prompt_token_ids) or req.pooling_params is not None:
+                    or req.num_computed_tokens + req.num_pending_tokens < len(req.prompt_token_ids) \
+                    or req.pooling_params is not None:
                 return False
         return True
 
-    def _prepare_decode(self, out: SchedulerOutput) -> ForwardBatch:
+    def _prepare_decode(self, out: SchedulerOutput, prev: StepHandle | None = None) -> ForwardBatch:
         """prepare() for a decode-only step: one pass over per-request scalars, numpy arithmetic,
-        a block table updated only in rows whose block list changed, one copy per tensor."""
+        a block table updated only in rows whose block list changed, one copy per tensor.
+
+        ``prev``: the in-flight step whose sampled tokens (still on the device) are this step's
+        inputs (async scheduling); each request's position is then one past its computed count."""
         bs = self.block_size
         sched = out.scheduled
         n = len(sched)
         reqs = [r for r, _ in sched]
-        starts = np.fromiter((r.num_computed_tokens for r in reqs), dtype=np.int64, count=n)
-        ids = self._ids_t.numpy()[:n]
-        ids[:] = np.fromiter((r.all_token_ids[-1] for r in reqs), dtype=np.int64, count=n)
+        starts = np.fromiter((r.num_computed_tokens + r.num_pending_tokens for r in reqs), dtype=np.int64, count=n)
+        if prev is None:
+            ids = self._ids_t.numpy()[:n]
+            ids[:] = np.fromiter((r.all_token_ids[-1] for r in reqs), dtype=np.int64, count=n)
         blk_idx = starts // bs
         cur = np.fromiter((r.block_ids[i] for r, i in zip(reqs, blk_idx.tolist())), dtype=np.int64, count=n)
         slots = self._slots_t.numpy()[:n]
@@ -240,12 +262,13 @@ class ModelRunner:
             seq_lens_cpu=seq_lens_cpu,
         )
         positions = self._pos_t[:, :n] if self.uses_mrope else self._pos_t[:n]
+        chained = None if prev is None else self._chained_ids(reqs, prev)
         if dev.type == "cuda":
-            input_ids = self._ids_t[:n].to(dev, non_blocking=True)
+            input_ids = chained if chained is not None else self._ids_t[:n].to(dev, non_blocking=True)
             positions = positions.to(dev, non_blocking=True)
             logits = self._logits_t[:n].to(dev, non_blocking=True)
         else:  # CPU: the staging buffers are reused next step, so hand out copies
-            input_ids = self._ids_t[:n].clone()
+            input_ids = chained if chained is not None else self._ids_t[:n].clone()
             positions = positions.clone()
             meta.slot_mapping = meta.slot_mapping.clone()
             meta.seq_lens = meta.seq_lens.clone()
@@ -255,9 +278,19 @@ class ModelRunner:
         return ForwardBatch(input_ids=input_ids, positions=positions, attn=meta, logits_indices=logits,
                             sample_reqs=reqs)
 
-    def prepare(self, out: SchedulerOutput) -> ForwardBatch:
+    def _chained_ids(self, reqs: list[Request], prev: StepHandle) -> torch.Tensor:
+        """input_ids [n] on the device: each request's token sampled by ``prev`` (no host trip)."""
+        index = {r.request_id: i for i, r in enumerate(prev.batch.sample_reqs)}
+        rows = [index[r.request_id] for r in reqs]
+        if rows == list(range(len(rows))):
+            return prev.token_ids[: len(rows)]
+        idx = torch.tensor(rows, dtype=torch.long).to(prev.token_ids.device, non_blocking=True)
+        return prev.token_ids.index_select(0, idx)
+
+    def prepare(self, out: SchedulerOutput, prev: StepHandle | None = None) -> ForwardBatch:
         if self._decode_only(out):
-            return self._prepare_decode(out)
+            return self._prepare_decode(out, prev)
+        assert prev is None, "only decode-only steps are chained"
         self._invalidate_rows()
         return self._prepare_general(out)
 
@@ -363,9 +396,28 @@ class ModelRunner:
             fresh.update((f.identifier, e) for f, e in zip(items, outs))
         return fresh
 
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        batch = self.prepare(out)
+        """Run one step and return its sampled tokens (launch + collect)."""
+        return self.collect(self.launch(out))
+
+    def collect(self, handle: StepHandle) -> RunnerOutput:
+        """Wait for a launched step's sampled tokens and hand them to the host."""
+        reqs = handle.batch.sample_reqs
+        if handle.token_ids is None:
+            return RunnerOutput(sampled={}, logprobs={}, pooled=handle.pooled)
+        if handle.event is not None:
+            handle.event.synchronize()  # only this step: a chained successor may already be running
+            tokens = handle.host_tokens.tolist()
+        else:
+            tokens = handle.token_ids.tolist()
+        sampled = {r.request_id: t for r, t in zip(reqs, tokens)}
+        return RunnerOutput(sampled=sampled, logprobs=handle.logprobs, pooled=handle.pooled)
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput, prev: StepHandle | None = None) -> StepHandle:
+        """Prepare and enqueue one step on the device, sampling included, without waiting for it.
+        ``prev``: the in-flight step this one continues (its sampled tokens are the inputs)."""
+        batch = self.prepare(out, prev)
         if batch.mm_slices:
             embeds = self._merge_multimodal(batch)
             hidden = self.model(None, batch.positions, self.kv_caches, batch.attn, inputs_embeds=embeds)
@@ -377,15 +429,23 @@ class ModelRunner:
             self._score_prompt(req, hidden[row0 : row0 + rows], req.num_computed_tokens)
         pooled = self._pool(batch.pool_rows, hidden) if batch.pool_rows else {}
         if not batch.sample_reqs:
-            return RunnerOutput(sampled={}, logprobs={}, pooled=pooled)
+            return StepHandle(batch, None, {}, pooled)
         for req in batch.sample_reqs:
             if req.params.seed is not None and req.generator is None:
                 req.generator = self.sampler.make_generator(req.params.seed)
         logits = self.model.compute_logits(hidden[batch.logits_indices])  # [M, vocab]
-        result = self.sampler(logits, batch.sample_reqs)
-        sampled = {r.request_id: t for r, t in zip(batch.sample_reqs, result.token_ids)}
-        logprobs = {r.request_id: lp for r, lp in zip(batch.sample_reqs, result.logprobs) if lp is not None}
-        return RunnerOutput(sampled=sampled, logprobs=logprobs, pooled=pooled)
+        token_ids, lps = self.sampler.sample(logits, batch.sample_reqs)  # token_ids: [M] int64
+        logprobs = {r.request_id: lp for r, lp in zip(batch.sample_reqs, lps) if lp is not None}
+        handle = StepHandle(batch, token_ids, logprobs, pooled)
+        if token_ids.is_cuda:
+            # Land the tokens in a pinned buffer behind an event: collect() then waits for this
+            # step alone, not for a successor enqueued after it on the same stream.
+            host = self._token_host[self._token_flip][: token_ids.shape[0]]
+            self._token_flip ^= 1
+            host.copy_(token_ids, non_blocking=True)
+            handle.host_tokens, handle.event = host, torch.cuda.Event()
+            handle.event.record()
+        return handle
 
     def _pool(self, pool_rows: list[tuple[Request, int, int]], hidden: torch.Tensor) -> dict[str, torch.Tensor]:
         """Pool the hidden states (after the final norm) of pooling requests' prompt chunks; a

@@ -65,6 +65,11 @@ class Request:
         self.max_model_len = max_model_len
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
+        # Tokens already sampled on the device by a step still in flight but not yet appended
+        # (async scheduling: the next step is launched before this one's tokens reach the host).
+        # num_computed_tokens lags by the same amount: the step after the in-flight one computes
+        # position num_computed_tokens + num_pending_tokens.
+        self.num_pending_tokens = 0
         self.block_ids: list[int] = []
         self.block_hashes: list[bytes] = []  # hashes of full blocks, filled by the block manager
         self.num_cached_tokens = 0  # prefix-cache hit length at first schedule
@@ -107,6 +112,8 @@ class Request:
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+        if self.num_pending_tokens:
+            self.num_pending_tokens -= 1
 
     def check_stop(self) -> bool:
         """After a token was appended: set a finished status if a token-level stop condition holds."""

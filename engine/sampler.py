@@ -49,6 +49,12 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
         # logits: [M, V] fp32, row r belongs to reqs[r]
+        token_ids, logprobs = self.sample(logits, reqs)
+        return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs)
+
+    def sample(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[torch.Tensor, list[list[TokenLogprob] | None]]:
+        """Next tokens left on the device (token_ids: [M] int64, no host sync unless logprobs are
+        asked for) and the per-row logprobs."""
         num_rows = logits.shape[0]
         params = [r.params for r in reqs]
         want_lp = [p.logprobs for p in params]
@@ -73,7 +79,7 @@ class Sampler:
             for r, kr in enumerate(want_lp):
                 if kr is not None:
                     logprobs[r] = rows[r][: 1 + kr]
-        return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs)
+        return token_ids, logprobs
 
     def _apply_penalties(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         """Repetition / frequency / presence penalties and min_tokens stop-id masking, batched over
@@ -86,7 +92,8 @@ class Sampler:
             p = req.params
             if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0:
                 pen_rows.append(r)
-            if p._all_stop_token_ids and req.num_output_tokens < p.min_tokens:
+            # A token sampled by a step still in flight counts (async scheduling).
+            if p._all_stop_token_ids and req.num_output_tokens + req.num_pending_tokens < p.min_tokens:
                 stops = [t for t in p._all_stop_token_ids if t < vocab]
                 min_rows.extend([r] * len(stops))
                 min_cols.extend(stops)

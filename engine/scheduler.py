@@ -106,6 +106,48 @@ class Scheduler:
         total = self.config.max_num_batched_tokens - budget
         return SchedulerOutput(scheduled=scheduled, num_batched_tokens=total, preempted=preempted)
 
+    def schedule_next(self, prev: SchedulerOutput) -> SchedulerOutput | None:
+        """The step after ``prev``, scheduled before ``prev``'s sampled tokens are known (async
+        scheduling), or None when it cannot be.
+
+        Only a pure continuation of a decode step qualifies: every request of ``prev`` computes its
+        one newest token and all running requests are in it, nothing waiting could be admitted, and each continuing request
+        just computes the token ``prev`` samples for it (one token, ``num_pending_tokens`` = 1).
+        Requests certain to finish with that token (max_tokens, max_model_len) are left out; ones
+        that turn out to stop on it (EOS, stop ids) are computed once in vain and dropped when
+        their output arrives. Requests whose sampling reads their output tokens on the host
+        (penalties) or whose logprobs need a host sync are never chained. No preemption: if a
+        block is missing, the caller falls back to a synchronous ``schedule()``.
+        """
+        if not prev.scheduled or len(prev.scheduled) != len(self.running) or prev.preempted:
+            return None
+        if self.waiting and len(self.running) < self.config.max_num_seqs:
+            return None
+        bm = self.block_manager
+        nxt: list[tuple[Request, int]] = []
+        for req, n in prev.scheduled:
+            if n != 1 or req.status != RequestStatus.RUNNING or req.num_computed_tokens + 1 != req.num_tokens \
+                    or req.num_pending_tokens or req.is_pooling:
+                return None
+            p = req.params
+            if p.logprobs is not None or p.prompt_logprobs is not None or p.presence_penalty != 0.0 \
+                    or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0:
+                return None
+            if (p.max_tokens is not None and req.num_output_tokens + 1 >= p.max_tokens) \
+                    or req.num_tokens + 1 >= req.max_model_len:
+                continue  # finishes with prev's token
+            nxt.append((req, 1))
+        if not nxt or len(nxt) > self.config.max_num_batched_tokens:
+            return None
+        # Blocks for prev's token (its computed count is not advanced yet) and the next one.
+        needed = sum(max(0, bm.blocks_needed(req.num_computed_tokens + 2) - len(req.block_ids)) for req, _ in nxt)
+        if needed > bm.num_free_blocks:
+            return None
+        for req, _ in nxt:
+            bm.allocate(req, 2)
+            req.num_pending_tokens = 1
+        return SchedulerOutput(scheduled=nxt, num_batched_tokens=len(nxt))
+
     def _preempt(self, req: Request) -> None:
         self.block_manager.free_request(req)
         req.num_computed_tokens = 0
@@ -121,6 +163,8 @@ class Scheduler:
         token, and pooling requests whose prompt is done (finished, their result in ``pooled``)."""
         updated: list[Request] = []
         for req, num_new in out.scheduled:
+            if req.status.finished:  # stopped or aborted while this (chained) step was in flight
+                continue
             req.num_computed_tokens += num_new
             if req.is_pooling:  # like a prompt with max_tokens=0: done once the prompt is computed
                 if pooled is not None and req.request_id in pooled:

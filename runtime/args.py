@@ -32,7 +32,7 @@ _ENGINE_FIELDS = (
     "enable_chunked_prefill", "block_size", "enable_prefix_caching", "gpu_memory_utilization",
     "cpu_kv_cache_space", "num_gpu_blocks_override", "seed", "trust_remote_code", "attention_backend",
     "allowed_local_media_path", "max_image_bytes", "max_image_pixels", "task", "pooling_type",
-    "enforce_eager",
+    "enforce_eager", "async_scheduling",
 )
 
 
@@ -125,6 +125,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--attention-backend", default=None, help="attention backend (default: the device's)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="CUDA: run every step eagerly (no CUDA graphs for decode-only steps)")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=d.async_scheduling,
+                   help="launch the next decode step before this one's tokens reach the host (default: on)")
     g.add_argument("--seed", type=int, default=d.seed, help="random seed")
     g.add_argument("--trust-remote-code", action="store_true", help="allow custom code from the model folder")
     g.add_argument("--task", default="generate", choices=TASK_CHOICES,

@@ -329,13 +329,14 @@ def _spy_steps(llm: LLM) -> list[list[tuple[str, int, int]]]:
     """Record (request id, tokens scheduled, tokens computed before) for every executed step."""
     log: list[list[tuple[str, int, int]]] = []
     runner = llm.core.runner
-    orig = runner.execute
+    orig = runner.launch
 
-    def execute(sched_out):
-        log.append([(r.request_id, n, r.num_computed_tokens) for r, n in sched_out.scheduled])
-        return orig(sched_out)
+    def launch(sched_out, prev=None):
+        # a chained (async) step computes past the in-flight one's token
+        log.append([(r.request_id, n, r.num_computed_tokens + r.num_pending_tokens) for r, n in sched_out.scheduled])
+        return orig(sched_out, prev)
 
-    runner.execute = execute
+    runner.launch = launch
     return log
 
 

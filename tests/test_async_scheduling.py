@@ -1,0 +1,102 @@
+"""Async scheduling (engine/engine_core.py, Scheduler.schedule_next): a decode step's successor is
+launched before the step's tokens reach the host. Outputs must not change: greedy equals HF
+transformers and the synchronous engine, seeded sampling equals the synchronous engine, EOS /
+max_tokens / min_tokens / stop strings / aborts end requests at the same token, and every KV block
+comes back. Each test also checks that chained steps really ran (else it would prove nothing).
+"""
+
+from __future__ import annotations
+
+import tiny_models
+from test_hf_equality import assert_all_blocks_returned
+
+from engine import LLM, SamplingParams
+
+PROMPTS = [
+    "Hello there",
+    "The quick brown fox jumps over the lazy dog " * 3,
+    "a b c d e f g",
+    "Numbers: 1 2 3 4 5",
+    "once upon a time",
+]
+
+
+def _llm(model_dir, async_scheduling: bool, **kw) -> LLM:
+    return LLM(str(model_dir), dtype="float32", max_model_len=256, async_scheduling=async_scheduling, **kw)
+
+
+def _count_chained(llm: LLM) -> list[int]:
+    """Counter of steps launched chained to an in-flight one (prev given)."""
+    runner = llm.core.runner
+    orig = runner.launch
+    count = [0]
+
+    def launch(sched_out, prev=None):
+        count[0] += prev is not None
+        return orig(sched_out, prev)
+
+    runner.launch = launch
+    return count
+
+
+def _ids(llm: LLM) -> list[list[int]]:
+    tok = llm.get_tokenizer()
+    return [tok(p).input_ids for p in PROMPTS]
+
+
+def test_greedy_equals_hf_and_sync_with_eos_and_mixed_lengths(tiny_llama_gqa):
+    """tiny_llama_gqa stops on a frequent ordinary token as a second EOS: requests end mid-batch
+    while a chained step for them is in flight."""
+    llm = _llm(tiny_llama_gqa, True)
+    chained = _count_chained(llm)
+    ids = _ids(llm)
+    params = [SamplingParams(temperature=0, max_tokens=m) for m in (24, 5, 17, 1, 30)]
+    outs = llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
+    assert chained[0] > 0
+    for o, p, ref in zip(outs, params, (tiny_models.hf_greedy(tiny_llama_gqa, [i], p.max_tokens)[0]
+                                        for i, p in zip(ids, params))):
+        assert o.outputs[0].token_ids == ref
+    sync = _llm(tiny_llama_gqa, False)
+    sync_chained = _count_chained(sync)
+    sync_outs = sync.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
+    assert sync_chained[0] == 0
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in sync_outs]
+    assert [o.outputs[0].finish_reason for o in outs] == [o.outputs[0].finish_reason for o in sync_outs]
+    assert_all_blocks_returned(llm)
+
+
+def test_seeded_sampling_min_tokens_and_stop_strings_match_sync(tiny_qwen2):
+    params = [
+        SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=20),
+        SamplingParams(temperature=1.0, seed=11, max_tokens=20, min_tokens=20),
+        SamplingParams(temperature=0, max_tokens=40, min_tokens=12),
+        SamplingParams(temperature=0, max_tokens=40, stop=[" the", "e"]),
+        SamplingParams(temperature=0.7, top_k=5, seed=3, max_tokens=33, n=2),
+    ]
+    results = []
+    for async_on in (True, False):
+        llm = _llm(tiny_qwen2, async_on, block_size=16)
+        chained = _count_chained(llm)
+        outs = llm.generate(PROMPTS, params, use_tqdm=False)
+        assert (chained[0] > 0) == async_on
+        assert_all_blocks_returned(llm)
+        results.append([[(c.token_ids, c.text, c.finish_reason) for c in o.outputs] for o in outs])
+    assert results[0] == results[1]
+    assert len(results[0][1][0][0]) == 20  # min_tokens = max_tokens: no early EOS
+
+
+def test_prefix_cache_hits_after_async_decode(tiny_qwen2):
+    """Blocks completed by a token that was still pending when they were allocated are hashed once
+    the token arrives: a second request repeating prompt + output hits them."""
+    llm = _llm(tiny_qwen2, True, block_size=16, enable_prefix_caching=True)
+    chained = _count_chained(llm)
+    first = llm.generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)[0]
+    assert chained[0] > 0
+    full = first.prompt_token_ids + first.outputs[0].token_ids
+    again = llm.generate([{"prompt_token_ids": full}], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0]
+    # every full block of the first request's prompt + output except the one holding the last
+    # token (always recomputed) is found in the cache
+    assert again.num_cached_tokens == (len(full) - 1) // 16 * 16
+    ref = tiny_models.hf_greedy(tiny_qwen2, [full], 4)[0]
+    assert again.outputs[0].token_ids == ref
+    assert_all_blocks_returned(llm)
