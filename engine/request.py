@@ -80,6 +80,13 @@ class Request:
         self.prompt_logprobs_acc: list = []  # per prompt position: None or [(token, logprob, rank), ...]
         self.pooling_params = req.pooling_params
         self.pooling_type = pooling_type
+        p = self.params
+        # Async scheduling may chain this request's decode steps: its sampling reads nothing from
+        # the host that a pending token would change, and needs no host sync (logprobs).
+        self.chainable = p is not None and self.pooling_params is None and p.logprobs is None \
+            and p.prompt_logprobs is None and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0 \
+            and p.repetition_penalty == 1.0
+        self.max_tokens = p.max_tokens if p is not None else None
         self.pool_acc: Any = None  # MEAN: running fp32 sum of hidden states; CLS: the first row
 
     @property

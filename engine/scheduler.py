@@ -111,8 +111,8 @@ class Scheduler:
         scheduling), or None when it cannot be.
 
         Only a pure continuation of a decode step qualifies: every request of ``prev`` computes its
-        one newest token and all running requests are in it, nothing waiting could be admitted, and each continuing request
-        just computes the token ``prev`` samples for it (one token, ``num_pending_tokens`` = 1).
+        one newest token and all running requests are in it, nothing waiting could be admitted,
+        and each continuing request just computes the token ``prev`` samples for it (one token, ``num_pending_tokens`` = 1).
         Requests certain to finish with that token (max_tokens, max_model_len) are left out; ones
         that turn out to stop on it (EOS, stop ids) are computed once in vain and dropped when
         their output arrives. Requests whose sampling reads their output tokens on the host
@@ -124,27 +124,31 @@ class Scheduler:
         if self.waiting and len(self.running) < self.config.max_num_seqs:
             return None
         bm = self.block_manager
+        bs = bm.block_size
         nxt: list[tuple[Request, int]] = []
+        to_allocate: list[Request] = []
+        needed = 0  # new blocks, for prev's token (its computed count is not advanced yet) and the next
+        running = RequestStatus.RUNNING
         for req, n in prev.scheduled:
-            if n != 1 or req.status != RequestStatus.RUNNING or req.num_computed_tokens + 1 != req.num_tokens \
-                    or req.num_pending_tokens or req.is_pooling:
+            ntok = len(req.all_token_ids)
+            if n != 1 or req.status is not running or not req.chainable or req.num_pending_tokens \
+                    or req.num_computed_tokens + 1 != ntok:
                 return None
-            p = req.params
-            if p.logprobs is not None or p.prompt_logprobs is not None or p.presence_penalty != 0.0 \
-                    or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0:
-                return None
-            if (p.max_tokens is not None and req.num_output_tokens + 1 >= p.max_tokens) \
-                    or req.num_tokens + 1 >= req.max_model_len:
+            if ntok + 1 >= req.max_model_len or (
+                    req.max_tokens is not None and len(req.output_token_ids) + 1 >= req.max_tokens):
                 continue  # finishes with prev's token
             nxt.append((req, 1))
-        if not nxt or len(nxt) > self.config.max_num_batched_tokens:
+            total = req.num_computed_tokens + 2
+            # As schedule()'s decode fast path: a token that lands inside a block already held and
+            # does not fill it needs no allocate() (no new block, no block to register).
+            if total % bs == 0 or len(req.block_ids) * bs < total:
+                to_allocate.append(req)
+                needed += max(0, -(-total // bs) - len(req.block_ids))
+        if not nxt or len(nxt) > self.config.max_num_batched_tokens or needed > bm.num_free_blocks:
             return None
-        # Blocks for prev's token (its computed count is not advanced yet) and the next one.
-        needed = sum(max(0, bm.blocks_needed(req.num_computed_tokens + 2) - len(req.block_ids)) for req, _ in nxt)
-        if needed > bm.num_free_blocks:
-            return None
-        for req, _ in nxt:
+        for req in to_allocate:
             bm.allocate(req, 2)
+        for req, _ in nxt:
             req.num_pending_tokens = 1
         return SchedulerOutput(scheduled=nxt, num_batched_tokens=len(nxt))
 
