@@ -7,6 +7,7 @@ The offline ``LLM`` drives it in-process; ``AsyncLLM`` runs it in a child proces
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,12 +97,14 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._aborted) or self._inflight is not None
 
-    def step(self) -> list[EngineCoreOutput]:
+    def step(self, idle: Callable[[], None] | None = None) -> list[EngineCoreOutput]:
         """Run one step and return what it produced.
 
         With async scheduling, a decode step's successor is scheduled and launched before the step's
         own tokens are read back, so the host's scheduling, input preparation and output handling
-        overlap the device; the successor is collected by the next call."""
+        overlap the device; the successor is collected by the next call. ``idle`` runs on the host
+        while the device computes (before this step's tokens are waited for): e.g. the offline
+        front end processing more prompts."""
         outputs, self._aborted = self._aborted, []
         t0 = time.perf_counter()
         if self._inflight is not None:
@@ -116,6 +119,8 @@ class EngineCore:
             nxt = self.scheduler.schedule_next(sched_out)
             if nxt is not None:
                 self._inflight = (nxt, self.runner.launch(nxt, prev=handle))
+        if idle is not None:
+            idle()
         result = self.runner.collect(handle)
         self.last_step_time = time.perf_counter() - t0
         return outputs + self._process(sched_out, result)

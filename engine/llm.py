@@ -1,7 +1,8 @@
 """The offline API: ``LLM(model=...).generate(...)`` and ``.chat(...)``, shaped like vLLM's.
 
-It runs the engine core in this process: requests are validated and tokenised up front (so a
-bad prompt fails before anything is queued), then the core is stepped until all are done.
+It runs the engine core in this process. ``generate`` processes prompts (tokens, image
+preprocessing) while the engine steps, so the host's front-end work overlaps the device; a bad
+prompt aborts everything the call queued before the error is raised.
 """
 
 from __future__ import annotations
@@ -70,15 +71,16 @@ class LLM:
                 )
         if self.config.model.is_pooling:
             raise ValueError("generate: this engine serves embeddings (task='embed'); use embed()")
-        # Validate and tokenise everything before queuing anything.
-        processed = [
-            self.processor.process(str(next(self._counter)), p, sp) for p, sp in zip(prompt_list, params_list)
-        ]
-        order = []
-        for text, req in processed:
-            self._add(text, req, OutputKind.FINAL_ONLY)
-            order.append(req.request_id)
-        return self._run(order, use_tqdm and not single)
+        for sp in params_list:  # cheap checks first: a wrong type fails before any work
+            if not isinstance(sp, SamplingParams):
+                raise ValueError(f"sampling_params: expected SamplingParams, got {type(sp).__name__}")
+        # Prompts are processed (tokens, images) and queued while the engine runs: the first few
+        # before the first step, the rest while the device computes (see _Feeder). A bad prompt
+        # aborts everything this call queued, then raises.
+        feeder = _Feeder(self, zip(prompt_list, params_list), len(prompt_list))
+        feeder.feed(self.FIRST_FEED)
+        feeder.raise_if_failed(self, feeder.order)
+        return self._run(feeder.order, use_tqdm and not single, feeder)
 
     def embed(
         self,
@@ -139,6 +141,15 @@ class LLM:
                    for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm and len(prompts) > 1)
 
+    def _abort_all(self, order: list[str]) -> None:
+        """Abort every request of this call (and wait out a step still in flight)."""
+        children = [c for rid in order for c in self.output_processor.child_ids(rid)]
+        self.core.abort_requests(children)
+        for rid in order:
+            self.output_processor.abort(rid)
+        while self.core.has_unfinished():
+            self.core.step()
+
     def _add(self, prompt: str | None, req: EngineRequest, kind: OutputKind) -> None:
         children = split_children(req)
         self.output_processor.add_request(
@@ -147,15 +158,27 @@ class LLM:
         for child in children:
             self.core.add_request(child)
 
-    def _run(self, order: list[str], use_tqdm: bool) -> list[Any]:
+    # Prompts processed before the first engine step; the rest are fed in between and during steps.
+    FIRST_FEED = 32
+
+    def _run(self, order: list[str], use_tqdm: bool, feeder: "_Feeder | None" = None) -> list[Any]:
         results: dict[str, Any] = {}
         bar = None
         if use_tqdm:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(order), desc="Processed prompts", dynamic_ncols=True)
-        while self.core.has_unfinished():
-            ready, to_abort = self.output_processor.process(self.core.step())
+            bar = tqdm(total=feeder.total if feeder is not None else len(order), desc="Processed prompts",
+                       dynamic_ncols=True)
+        while self.core.has_unfinished() or (feeder is not None and feeder.pending):
+            if feeder is not None and feeder.pending and not self.core.has_unfinished():
+                feeder.feed(self.FIRST_FEED)  # nothing to overlap with: feed now
+            outputs = self.core.step(idle=feeder.idle if feeder is not None and feeder.pending else None)
+            if feeder is not None and feeder.error is not None:
+                self._abort_all(order)
+                if bar is not None:
+                    bar.close()
+                raise feeder.error
+            ready, to_abort = self.output_processor.process(outputs)
             if to_abort:
                 self.core.abort_requests(to_abort)
             for out in ready:
@@ -165,7 +188,56 @@ class LLM:
                         bar.update(1)
         if bar is not None:
             bar.close()
+        if feeder is not None:
+            feeder.raise_if_failed(self, order)
         errors = [r for r in results.values() if isinstance(r, RequestError)]
         if errors:
             raise EngineOutputError(f"request {errors[0].request_id}: {errors[0].message}")
         return [results[rid] for rid in order]
+
+
+class _Feeder:
+    """Processes prompts (tokenise, preprocess images) and queues them while the engine runs.
+
+    ``feed(n)`` processes up to n more now; ``idle()`` is handed to ``EngineCore.step`` and runs
+    while the device computes a step, feeding a few more when the waiting queue runs short. A
+    processing error is kept (``error``) and stops feeding: the caller aborts what was queued and
+    raises it, so a bad prompt leaves nothing behind, as if it had been rejected up front.
+    """
+
+    PER_IDLE = 16
+
+    def __init__(self, llm: LLM, items: Any, total: int) -> None:
+        self.llm = llm
+        self.items = iter(items)
+        self.total = total
+        self.order: list[str] = []
+        self.pending = total > 0
+        self.error: Exception | None = None
+
+    def feed(self, n: int) -> None:
+        llm = self.llm
+        try:
+            for _ in range(n):
+                item = next(self.items, None)
+                if item is None:
+                    self.pending = False
+                    return
+                text, req = llm.processor.process(str(next(llm._counter)), *item)
+                llm._add(text, req, OutputKind.FINAL_ONLY)
+                self.order.append(req.request_id)
+        except Exception as exc:  # noqa: BLE001 - re-raised by the caller after cleaning up
+            self.error = exc
+            self.pending = False
+        if self.error is None and len(self.order) == self.total:
+            self.pending = False
+
+    def idle(self) -> None:
+        sched = self.llm.core.scheduler
+        if self.pending and len(sched.waiting) < sched.config.max_num_seqs:
+            self.feed(self.PER_IDLE)
+
+    def raise_if_failed(self, llm: LLM, order: list[str]) -> None:
+        if self.error is not None:
+            llm._abort_all(order)
+            raise self.error

@@ -100,3 +100,53 @@ def test_prefix_cache_hits_after_async_decode(tiny_qwen2):
     ref = tiny_models.hf_greedy(tiny_qwen2, [full], 4)[0]
     assert again.outputs[0].token_ids == ref
     assert_all_blocks_returned(llm)
+
+
+def test_prompts_fed_while_the_engine_runs(tiny_qwen2):
+    """LLM.generate processes prompts past the first FIRST_FEED while the engine steps: results
+    keep the prompts' order and equal HF; a bad prompt far down the list still raises and leaves
+    nothing queued, and the engine serves the next call."""
+    llm = _llm(tiny_qwen2, True, max_num_seqs=8)
+    llm.FIRST_FEED = 4
+    fed_during_steps = [0]
+    orig_process = llm.processor.process
+
+    def process(*args):
+        # a prompt processed while a launched step is being computed (between launch and collect)
+        fed_during_steps[0] += llm.core.runner.steps_in_flight > 0
+        return orig_process(*args)
+
+    llm.processor.process = process
+    orig_launch, orig_collect = llm.core.runner.launch, llm.core.runner.collect
+    llm.core.runner.steps_in_flight = 0
+
+    def launch(*a, **k):
+        llm.core.runner.steps_in_flight += 1
+        return orig_launch(*a, **k)
+
+    def collect(h):
+        llm.core.runner.steps_in_flight -= 1
+        return orig_collect(h)
+
+    llm.core.runner.launch, llm.core.runner.collect = launch, collect
+    tok = llm.get_tokenizer()
+    texts = [f"{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(19)]
+    ids = [tok(t).input_ids for t in texts]
+    outs = llm.generate([{"prompt_token_ids": p} for p in ids], SamplingParams(temperature=0, max_tokens=6),
+                        use_tqdm=False)
+    assert fed_during_steps[0] > 0
+    assert [o.prompt_token_ids for o in outs] == ids
+    assert [o.outputs[0].token_ids for o in outs] == tiny_models.hf_greedy(tiny_qwen2, ids, 6)
+    assert_all_blocks_returned(llm)
+
+    bad = [{"prompt_token_ids": p} for p in ids[:15]] + [{"prompt_token_ids": [1, 10**6]}]
+    try:
+        llm.generate(bad, SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
+    except ValueError as exc:
+        assert "vocabulary" in str(exc)
+    else:
+        raise AssertionError("a bad prompt must raise")
+    assert_all_blocks_returned(llm)
+    assert not llm.output_processor.requests
+    again = llm.generate([{"prompt_token_ids": ids[0]}], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
+    assert again[0].outputs[0].token_ids == outs[0].outputs[0].token_ids
