@@ -205,7 +205,7 @@ class _Feeder:
     raises it, so a bad prompt leaves nothing behind, as if it had been rejected up front.
     """
 
-    PER_IDLE = 16
+    PER_IDLE = 64  # enough to fill the next prefill step of a busy engine
 
     def __init__(self, llm: LLM, items: Any, total: int) -> None:
         self.llm = llm
