@@ -473,13 +473,15 @@ def run_breakdown(llm: LLM, reqs: list[dict], out_len: int, device: torch.device
 
     timers.wrap(llm.processor, "process", "input processing total (tokens, image preprocessing, M-RoPE)", gpu=False)
     mm = llm.processor.mm_processor
-    timers.wrap(mm, "_image_feature", "HF image processor (PIL -> pixel_values)", gpu=False)
+    # Qwen2-VL's front end only converts / resizes / hashes; pixel_values are built on the device.
+    timers.wrap(mm, "_image_u8", "image to uint8 (PIL -> resized RGB array + hash)", gpu=False)
     timers.wrap(core.scheduler, "schedule", "scheduler.schedule",
                 phase_from_result=lambda out: set_phase(out) if out.scheduled else None)
     timers.wrap(core.scheduler, "update_from_output", "scheduler.update_from_output")
     timers.wrap(runner, "launch", "runner.execute total", phase_setter=set_phase)
     timers.wrap(runner, "prepare", "runner.prepare (host arrays + H2D)")
     timers.wrap(runner, "_merge_multimodal", "embed + merge (incl. vision tower)")
+    timers.wrap(runner.mm_preprocessor, "prepare", "device preprocessing (H2D, uint8 -> pixel_values)")
     timers.wrap(runner.model, "embed_multimodal", "vision tower")
     timers.wrap(runner.model, "forward", "LM forward (28 layers)")
     timers.wrap(runner.model, "compute_logits", "LM head (logits)")
@@ -890,8 +892,8 @@ def main(argv=None) -> int:
 
 
 _PHASES = ["front end", "steps with prefill", "decode-only steps"]
-_PARTS = ["input processing total", "HF image processor", "engine step total", "scheduler.schedule", "runner.execute total",
-          "runner.prepare", "embed + merge", "vision tower", "LM forward", "LM head", "sampler",
+_PARTS = ["input processing total", "image to uint8", "engine step total", "scheduler.schedule", "runner.execute total",
+          "runner.prepare", "embed + merge", "device preprocessing", "vision tower", "LM forward", "LM head", "sampler",
           "scheduler.update_from_output", "output processing"]
 
 

@@ -296,8 +296,8 @@ def test_chunked_prefill_through_image_tokens_equals_hf(chunked_llm, ref, monkey
     steps = []
     orig_prepare = runner.prepare
 
-    def prepare(out):
-        batch = orig_prepare(out)
+    def prepare(out, prev=None):
+        batch = orig_prepare(out, prev)
         steps.append((batch.input_ids.numel(), [(rid, lo, hi) for rid, _, lo, hi, _ in batch.mm_slices]))
         return batch
 

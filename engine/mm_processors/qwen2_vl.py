@@ -3,9 +3,12 @@
 ``<|image_pad|>`` / ``<|video_pad|>`` expands to t*h*w / merge^2 tokens per item (from its grid),
 and M-RoPE positions are computed for the expanded prompt.
 
-Images: a PIL image (pixels from the model folder's image processor, its PIL version where
-torchvision is absent), or precomputed embeddings ``{"image_embeds": [rows, hidden],
+Images: a PIL image, or precomputed embeddings ``{"image_embeds": [rows, hidden],
 "image_grid_thw": [n, 3]}`` — which counts as ``n`` images (rows split by grid, as vLLM does).
+A PIL image is only converted to RGB and resized here (``engine.mm_processors.qwen2_vl_resize``,
+with the model folder's HF image processor settings); its feature data is ``{"image_u8": uint8
+[h, w, 3], "image_grid_thw": [[1, h/p, w/p]]}`` and the model runner turns it into HF's
+``pixel_values`` on the device (``engine.mm_processors.qwen2_vl_pixels``).
 
 Videos (``engine.mm_processors.qwen_video``): a list of PIL frames, a (T, H, W, 3) uint8 array,
 ``{"frames": <either>, "fps": float}``, or ``{"video_embeds": [rows, hidden], "video_grid_thw":
@@ -30,6 +33,7 @@ from engine.mm_processor import (
     _is_pil,
     expand_placeholders,
 )
+from engine.mm_processors.qwen2_vl_resize import QwenResizeSpec, hash_u8, image_to_u8
 from engine.mm_processors.qwen_video import (
     DEFAULT_FPS,
     DEFAULT_MAX_FRAMES,
@@ -80,6 +84,7 @@ class Qwen2VLProcessor(MultiModalProcessor):
             raise ValueError(f"default_fps: must be positive, got {default_fps}")
         self.default_fps = float(default_fps)
         self._image_processor = None
+        self._resize_spec: QwenResizeSpec | None = None
         self._video_processor: QwenVideoPreprocessor | None = None
 
     @property
@@ -89,6 +94,13 @@ class Qwen2VLProcessor(MultiModalProcessor):
 
             self._image_processor = AutoImageProcessor.from_pretrained(self.config.model.model_dir)
         return self._image_processor
+
+    @property
+    def resize_spec(self) -> QwenResizeSpec:
+        """The image processor's resize settings (the processor object is only read, never called)."""
+        if self._resize_spec is None:
+            self._resize_spec = QwenResizeSpec.from_image_processor(self.image_processor)
+        return self._resize_spec
 
     @property
     def video_processor(self) -> QwenVideoPreprocessor:
@@ -198,12 +210,18 @@ class Qwen2VLProcessor(MultiModalProcessor):
             raise ValueError(
                 f"multi_modal_data: image {index}: expected a PIL image or an image_embeds dict, got {type(item).__name__}"
             )
+        pixels, ident = self._image_u8(index, item)  # [h, w, 3] uint8
+        p = self.resize_spec.patch_size
+        grid = torch.tensor([1, pixels.shape[0] // p, pixels.shape[1] // p], dtype=torch.int64)
+        return {"image_u8": pixels, "image_grid_thw": grid[None]}, grid, ident
+
+    def _image_u8(self, index: int, image: Any) -> tuple[torch.Tensor, str]:
+        """A PIL image -> (its resized RGB pixels, uint8 [h, w, 3], content hash of them)."""
         try:
-            out = self.image_processor(images=[item.convert("RGB")], return_tensors="pt")
+            pixels = image_to_u8(image, self.resize_spec)
         except Exception as exc:  # corrupt or truncated image data surfaces here
             raise ValueError(f"multi_modal_data: image {index} could not be processed: {exc}") from exc
-        grid = out["image_grid_thw"][0].long()
-        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}, grid, hash_item(item)
+        return torch.from_numpy(pixels), hash_u8(pixels)
 
     def _video_feature(
         self, index: int, item: Any, max_tokens: int | None
