@@ -136,3 +136,169 @@ class CudaGraphRunner:
             self.seq_lens[n:bs].fill_(1)
         self.graphs[bs].replay()
         return self.outputs[bs][:n]
+
+
+class EncoderGraphCache:
+    """CUDA graphs of a vision tower for small passes, keyed by the pass's grids.
+
+    A single image's pass through a 32-layer ViT is launch-bound (hundreds of small kernels at
+    ~10 us of host time each) and sits on the time-to-first-token path; graphs replay it in one
+    launch. Large batched passes are compute-bound and run eagerly. Each distinct grid list is
+    captured the first time it is seen, up to ``max_graphs`` of them (then it runs eagerly), in one
+    memory pool: replays never overlap and the output is copied out before the next one.
+
+    ``tower(pixel_values [P, K], grid: list[[t, h, w]]) -> [P / m^2, hidden]`` must not sync
+    with the host; a tower that fails to capture is run eagerly for that grid from then on.
+    """
+
+    def __init__(self, tower: torch.nn.Module, *, max_patches: int = 4096, max_graphs: int = 16) -> None:
+        self.tower = tower
+        self.max_patches = max_patches
+        self.max_graphs = max_graphs
+        self.pool = None
+        # grid key -> (static input, graph, static output), or None when capture failed
+        self.graphs: dict[tuple, tuple[torch.Tensor, torch.cuda.CUDAGraph, torch.Tensor] | None] = {}
+
+    def __call__(self, pixel_values: torch.Tensor, grid: list[list[int]]) -> torch.Tensor:
+        key = tuple(tuple(int(v) for v in g) for g in grid)
+        if pixel_values.shape[0] > self.max_patches or not pixel_values.is_cuda:
+            return self.tower(pixel_values, grid)
+        if key not in self.graphs:
+            if len(self.graphs) >= self.max_graphs:
+                return self.tower(pixel_values, grid)
+            self.graphs[key] = self._capture(pixel_values, [list(g) for g in key])
+        entry = self.graphs[key]
+        if entry is None:
+            return self.tower(pixel_values, grid)
+        static_in, graph, static_out = entry
+        static_in.copy_(pixel_values)
+        graph.replay()
+        return static_out.clone()
+
+    @torch.inference_mode()
+    def _capture(self, example: torch.Tensor, grid: list[list[int]]):
+        static_in = example.clone()
+        try:
+            # warm-up on a side stream (cuDNN / flash heuristics, Triton JIT), then capture
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self.tower(static_in, grid)
+            torch.cuda.current_stream().wait_stream(stream)
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                static_out = self.tower(static_in, grid)
+        except RuntimeError as exc:  # e.g. a host sync inside the tower: run it eagerly instead
+            logger.warning("vision tower: CUDA graph capture failed for grid %s (%s); running eagerly", grid, exc)
+            return None
+        return static_in, graph, static_out
+
+
+DEFAULT_PREFILL_SIZES = (128, 256, 512, 1024)
+
+
+class PrefillGraphRunner:
+    """CUDA graphs of the language model's forward for one sequence's prompt of up to
+    ``max(sizes)`` tokens: the time-to-first-token path, launch-bound at such lengths.
+
+    The graph of the smallest size ``Np >= n`` runs a prompt chunk of ``n`` tokens from input
+    embeddings (the runner's, with image rows merged). The padded rows ``n..Np-1`` form a second
+    sequence whose block-table row is all null block: zero embeddings, position 0, keys/values
+    written to the null slot 0 and read back from the null block, so they stay finite and never
+    touch the real sequence. The kernel's grid is sized for ``Np``; the real split, [0, n, Np], is
+    read on the device.
+    """
+
+    def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], *, hidden_size: int,
+                 dtype: torch.dtype, max_model_len: int, block_size: int, uses_mrope: bool,
+                 device: torch.device, sizes: tuple[int, ...] = DEFAULT_PREFILL_SIZES) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.uses_mrope = uses_mrope
+        self.sizes = [s for s in sizes if s <= max_model_len]
+        self.max_n = self.sizes[-1] if self.sizes else 0
+        self.max_blocks = -(-max_model_len // block_size)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        n = self.max_n
+        with torch.inference_mode():
+            self.embeds = torch.zeros((n, hidden_size), dtype=dtype, device=device)
+            self.positions = torch.zeros((3, n) if uses_mrope else (n,), dtype=torch.long, device=device)
+            self.slot_mapping = torch.zeros(n, dtype=torch.long, device=device)
+            # row 0: the real sequence; row 1: the padding, always the null block
+            self.block_tables = torch.zeros((2, self.max_blocks), dtype=torch.int32, device=device)
+            self.query_start_loc = torch.tensor([0, 1, 1], dtype=torch.int32, device=device)
+            self.seq_lens = torch.ones(2, dtype=torch.int32, device=device)
+            # host staging for [0, n, Np] and [seq_len, Np - n] (one copy each per replay)
+            pin = device.type == "cuda"
+            self._qsl_host = torch.zeros(3, dtype=torch.int32, pin_memory=pin)
+            self._seq_host = torch.zeros(2, dtype=torch.int32, pin_memory=pin)
+
+    def _meta(self, size: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:size], block_tables=self.block_tables,
+            query_start_loc=self.query_start_loc, seq_lens=self.seq_lens,
+            max_query_len=size,  # sizes the kernel grid; the real length is read on the device
+            max_seq_len=self.max_model_len, block_size=self.block_size,
+            query_start_loc_cpu=[0, size, size], seq_lens_cpu=[size, 1],
+        )
+
+    def _forward(self, size: int) -> torch.Tensor:
+        positions = self.positions[:, :size] if self.uses_mrope else self.positions[:size]
+        return self.model(None, positions, self.kv_caches, self._meta(size), inputs_embeds=self.embeds[:size])
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Warm up and capture every size (largest first) in one pool; after the KV cache exists."""
+        if not self.sizes:
+            return
+        t0 = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        self.slot_mapping.zero_()
+        self.block_tables.zero_()
+        for size in reversed(self.sizes):
+            self.query_start_loc.copy_(torch.tensor([0, size, size], dtype=torch.int32))
+            self.seq_lens.copy_(torch.tensor([size, 1], dtype=torch.int32))
+            self._forward(size)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self._forward(size)
+            self.graphs[size] = graph
+            self.outputs[size] = out
+        torch.cuda.synchronize()
+        logger.info("CUDA graphs: captured %d prefill sizes (up to %d tokens) in %.1f s",
+                    len(self.sizes), self.max_n, time.perf_counter() - t0)
+
+    def can_run(self, num_tokens: int, meta: AttentionMetadata) -> bool:
+        return bool(self.graphs) and meta.num_seqs == 1 and 1 < num_tokens <= self.max_n \
+            and meta.block_tables.shape[1] <= self.max_blocks
+
+    def run(self, embeds: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states [n, hidden] of one sequence's chunk (a view valid until the next replay).
+        embeds: [n, hidden]; positions: [n] or [3, n]."""
+        n = embeds.shape[0]
+        size = next(s for s in self.sizes if s >= n)
+        self.embeds[:n].copy_(embeds, non_blocking=True)
+        self.embeds[n:size].zero_()
+        if self.uses_mrope:
+            self.positions[:, :n].copy_(positions, non_blocking=True)
+            self.positions[:, n:size].zero_()
+        else:
+            self.positions[:n].copy_(positions, non_blocking=True)
+            self.positions[n:size].zero_()
+        self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
+        self.slot_mapping[n:size].zero_()
+        width = meta.block_tables.shape[1]
+        self.block_tables[:1, :width].copy_(meta.block_tables, non_blocking=True)
+        qsl, seq = self._qsl_host.numpy(), self._seq_host.numpy()
+        qsl[:] = (0, n, size)
+        seq[:] = (meta.seq_lens_cpu[0], max(1, size - n))
+        self.query_start_loc.copy_(self._qsl_host, non_blocking=True)
+        self.seq_lens.copy_(self._seq_host, non_blocking=True)
+        self.graphs[size].replay()
+        return self.outputs[size][:n]

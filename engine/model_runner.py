@@ -15,6 +15,7 @@ import torch
 from engine.config import EngineConfig
 from engine.encoder_cache import EncoderCache
 from engine.loader import load_model
+from engine.mm_device_preprocessor import get_device_preprocessor
 from engine.multimodal import MultiModalFeature
 from engine.request import Request
 from engine.sampler import Sampler, TokenLogprob, topk_logprobs
@@ -73,6 +74,8 @@ class ModelRunner:
         self.backend = get_backend(self.platform.type, config.attention_backend)
         torch.manual_seed(config.model.seed)
         self.model = load_model(config.model, self.platform, self.backend)
+        # Feature data -> the vision tower's inputs on the device (e.g. Qwen2-VL packs uint8 pixels there).
+        self.mm_preprocessor = get_device_preprocessor(config, self.device)
         self.sampler = Sampler(self.device, config.model.seed)
         self.uses_mrope = bool(getattr(self.model, "uses_mrope", False))
         self._init_input_buffers(config.scheduler.max_num_seqs, config.scheduler.max_model_len)
@@ -85,6 +88,7 @@ class ModelRunner:
         self.kv_caches = [torch.zeros(shape, dtype=config.model.dtype, device=self.device) for _ in range(self.model.num_layers)]
         logger.info("KV cache: %d blocks of %d tokens (%s backend)", self.num_blocks, self.block_size, self.backend.name)
         self.cuda_graphs = None
+        self.prefill_graphs = None
         if self.platform.type == "cuda" and not config.model.enforce_eager and not config.model.is_pooling:
             from engine.cuda_graphs import CudaGraphRunner
 
@@ -94,6 +98,16 @@ class ModelRunner:
                 uses_mrope=self.uses_mrope, device=self.device,
             )
             self.cuda_graphs.capture()
+            from engine.cuda_graphs import PrefillGraphRunner
+
+            # One sequence's prompt of up to 1024 tokens (the time-to-first-token path) replays
+            # a graph too; bigger or batched prefills are compute-bound and run eagerly.
+            self.prefill_graphs = PrefillGraphRunner(
+                self.model, self.kv_caches, hidden_size=config.model.hidden_size, dtype=config.model.dtype,
+                max_model_len=config.scheduler.max_model_len, block_size=self.block_size,
+                uses_mrope=self.uses_mrope, device=self.device,
+            )
+            self.prefill_graphs.capture()
 
     # -- KV cache sizing ------------------------------------------------------------------------
     def _block_bytes(self) -> int:
@@ -388,7 +402,7 @@ class ModelRunner:
         batched = getattr(self.model, "embed_multimodal_batch", None)
         for modality, feats in todo.items():
             items = list(feats.values())
-            inputs = [{k: v.to(self.device) for k, v in f.data.items()} for f in items]
+            inputs = self.mm_preprocessor.prepare(modality, [f.data for f in items])
             if batched is not None and len(items) > 1:
                 outs = batched(modality, inputs)
             else:
@@ -420,9 +434,15 @@ class ModelRunner:
         batch = self.prepare(out, prev)
         if batch.mm_slices:
             embeds = self._merge_multimodal(batch)
-            hidden = self.model(None, batch.positions, self.kv_caches, batch.attn, inputs_embeds=embeds)
+            if self.prefill_graphs is not None and self.prefill_graphs.can_run(embeds.shape[0], batch.attn):
+                hidden = self.prefill_graphs.run(embeds, batch.positions, batch.attn)
+            else:
+                hidden = self.model(None, batch.positions, self.kv_caches, batch.attn, inputs_embeds=embeds)
         elif self.cuda_graphs is not None and self.cuda_graphs.can_run(batch.attn.num_seqs, batch.attn):
             hidden = self.cuda_graphs.run(batch.input_ids, batch.positions, batch.attn)  # [N, hidden]
+        elif self.prefill_graphs is not None and self.prefill_graphs.can_run(batch.input_ids.shape[0], batch.attn):
+            embeds = self.model.get_input_embeddings(batch.input_ids)
+            hidden = self.prefill_graphs.run(embeds, batch.positions, batch.attn)
         else:
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn)  # [N, hidden]
         for req, row0, rows in batch.prompt_rows:

@@ -69,6 +69,11 @@ def test_qwen2_vl_image_on_cuda_equals_hf(tmp_path_factory):
     hf = tiny_vlm.load_hf_qwen2_vl(d)
     ip = tiny_vlm.load_image_processor(d)
     llm = LLM(str(d), dtype="float32", device="cuda", max_model_len=1024, gpu_memory_utilization=0.3)
+    runner = llm.core.runner
+    assert runner.prefill_graphs is not None  # the single-image prompt's prefill replays a graph
+    used = []
+    orig_run = runner.prefill_graphs.run
+    runner.prefill_graphs.run = lambda *a: used.append(1) or orig_run(*a)
     img = tiny_vlm.random_image(100, 150, 1)
     prompt = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe.<|im_end|>\n<|im_start|>assistant\n"
     out = llm.generate({"prompt": prompt, "multi_modal_data": {"image": img}},
@@ -81,6 +86,7 @@ def test_qwen2_vl_image_on_cuda_equals_hf(tmp_path_factory):
         g = hf.generate(input_ids=inp, attention_mask=torch.ones_like(inp), do_sample=False, max_new_tokens=MAX_TOKENS,
                         pixel_values=o["pixel_values"], image_grid_thw=o["image_grid_thw"], mm_token_type_ids=mm)
     assert out.outputs[0].token_ids == g[0, len(ids):].tolist()
+    assert used
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama_gqa", "tiny_qwen2"])
@@ -118,3 +124,40 @@ def test_cuda_graphs_decode_equals_hf_and_eager(fixture, request):
             assert [o.outputs[0].token_ids for o in outs] == expected, (eager, k)
         if not eager:
             assert 3 in replays and 5 in replays  # padded to the 4 and 8 graphs
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_gqa", "tiny_qwen2"])
+def test_prefill_graphs_equal_hf(fixture, request):
+    """One prompt at a time: each prefill chunk replays a padded prefill graph (sizes 128..1024),
+    the second chunk of a chunked prompt over its cached first chunk too; a batch of two prompts
+    prefills eagerly. Greedy tokens equal HF's either way."""
+    import tiny_models
+
+    from engine import LLM, SamplingParams
+
+    model_dir = request.getfixturevalue(fixture)
+    llm = LLM(str(model_dir), dtype="float32", device="cuda", max_model_len=1024, max_num_seqs=4,
+              max_num_batched_tokens=512, gpu_memory_utilization=0.3)
+    graphs = llm.core.runner.prefill_graphs
+    assert graphs is not None and graphs.sizes == [128, 256, 512, 1024]
+    replays = []
+    orig_run = graphs.run
+
+    def counted(embeds, positions, meta):
+        replays.append(embeds.shape[0])
+        return orig_run(embeds, positions, meta)
+    graphs.run = counted
+    tok = llm.get_tokenizer()
+    rng = torch.Generator().manual_seed(0)
+    vocab = tok.vocab_size
+    prompts = [tok("Hello there").input_ids, tok("The quick brown fox jumps over the lazy dog " * 20).input_ids,
+               torch.randint(10, vocab, (700,), generator=rng).tolist()]
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    for ids in prompts:
+        out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
+        assert out.outputs[0].token_ids == tiny_models.hf_greedy(model_dir, [ids], MAX_TOKENS)[0], len(ids)
+    assert replays == [len(prompts[0]), len(prompts[1]), 512, 700 - 512]
+    replays.clear()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == tiny_models.hf_greedy(model_dir, prompts[:2], MAX_TOKENS)
+    assert replays == []  # two sequences in one step: eager
