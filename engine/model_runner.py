@@ -108,6 +108,11 @@ class ModelRunner:
                 uses_mrope=self.uses_mrope, device=self.device,
             )
             self.prefill_graphs.capture()
+            if getattr(self.model, "vision_graphs_ok", False):
+                from engine.cuda_graphs import EncoderGraphCache
+
+                # Small vision passes (one image) are launch-bound too: captured per grid on first use.
+                self.model.visual_runner = EncoderGraphCache(self.model.visual)
 
     # -- KV cache sizing ------------------------------------------------------------------------
     def _block_bytes(self) -> int:

@@ -8,7 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import AttentionBackend, AttentionMetadata
+from kernels import AttentionBackend, AttentionMetadata, fused_ops
+
+# The elementwise ops live in kernels/fused_ops.py (torch reference + fused Triton dispatch);
+# re-exported here under their old names.
+from kernels.fused_ops import _swap_halves, silu_and_mul  # noqa: F401
+from kernels.fused_ops import apply_rotary_signed as _apply_rotary_signed
+from kernels.fused_ops import quick_gelu as _quick_gelu
 
 
 class RMSNorm(nn.Module):
@@ -17,16 +23,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same order of operations as HF's LlamaRMSNorm (normalise in fp32, scale in input dtype).
-        # F.rms_norm without a weight upcasts to fp32, multiplies by rsqrt(mean(x^2) + eps) and
-        # casts back: HF's op sequence in one call (bit-identical on CPU). fp32 on CUDA keeps the
-        # op-by-op form so that fp32 GPU runs stay bit-equal to HF's reduction order.
-        dtype = x.dtype
-        if dtype == torch.float32 and x.is_cuda:
-            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-            return self.weight * x
-        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """HF's RMSNorm of x; with ``residual``, of ``residual + x``, returned with that sum
+        (vLLM's fused residual form: ``normed, residual = norm(x, residual)``)."""
+        # x, residual: [..., hidden]
+        if residual is None:
+            return fused_ops.rms_norm(x, self.weight, self.eps)
+        return fused_ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class MergedLinear(nn.Linear):
@@ -108,19 +113,6 @@ def _sign_sin(sin: torch.Tensor) -> torch.Tensor:
     return torch.cat((-s1, s2), dim=-1)
 
 
-def _swap_halves(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x2, x1), dim=-1)
-
-
-def _apply_rotary_signed(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, rot_dim: int) -> torch.Tensor:
-    """Same values as ``_apply_rotary(x, cos, sin, rot_dim)`` given ``sin_signed = _sign_sin(sin)``."""
-    if rot_dim == x.shape[-1]:
-        return x * cos + _swap_halves(x) * sin_signed
-    rot, rest = x[..., :rot_dim], x[..., rot_dim:]
-    return torch.cat((rot * cos + _swap_halves(rot) * sin_signed, rest), dim=-1)
-
-
 def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot_dim: int) -> torch.Tensor:
     if rot_dim == x.shape[-1]:
         return x * cos + _rotate_half(x) * sin
@@ -144,15 +136,6 @@ class PagedAttention(nn.Module):
         self.backend.write_kv(k, v, kv_cache, meta.slot_mapping)
         out = self.backend.attend(q, kv_cache, meta, self.scale)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
-
-
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
-def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(1.702 * x)
 
 
 def activation(name: str):

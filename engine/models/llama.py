@@ -80,12 +80,26 @@ class LlamaDecoderLayer(nn.Module):
         self,
         positions: torch.Tensor,
         x: torch.Tensor,
+        residual: torch.Tensor | None,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta, rope)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One block in vLLM's residual-carrying form: returns (mlp output, residual stream) whose
+        sum is the block's output; the next block's (or the final) norm adds them in one pass.
+
+        x: [N, hidden], this layer's input when ``residual`` is None (first layer), else the
+        previous layer's MLP output with ``residual`` the stream before it (its sum with x is the
+        input). Same values as ``x = x + attn(norm1(x)); x = x + mlp(norm2(x))``.
+        """
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(positions, h, kv_cache, meta, rope)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -108,9 +122,12 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         # Every layer has the same rotary embedding: index / compute its cos-sin table once.
         rope = self.layers[0].self_attn.rotary_emb.table(positions, self.embed_tokens.weight.dtype)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(positions, x, kv_cache, meta, rope)
-        return self.norm(x)
+            x, residual = layer(positions, x, residual, kv_cache, meta, rope)
+        if residual is None:  # no layers
+            return self.norm(x)
+        return self.norm(x, residual)[0]
 
 
 class CausalLMTextMixin:

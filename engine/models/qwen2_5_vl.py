@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.layers import RMSNorm, _rotate_half, activation
+from engine.models.layers import RMSNorm, _sign_sin, activation
 from engine.models.qwen2_vl import (
     PatchMerger,
     Qwen2VLForConditionalGeneration,
@@ -43,6 +43,7 @@ from engine.models.qwen2_vl import (
     _grid_list,
     get_mrope_positions,
 )
+from kernels import fused_ops
 
 __all__ = [
     "Qwen2_5_VLForConditionalGeneration",
@@ -121,13 +122,12 @@ class Qwen2_5_VisionAttention(VisionAttention):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, groups: Sequence[torch.Tensor]
     ) -> torch.Tensor:
-        # x: [P, dim]; cos/sin: [P, head_dim] fp32; groups: [num_segments, length] row indices each
+        # x: [P, dim]; cos, sin: [P, head_dim] fp32, sin signed (``_sign_sin``);
+        # groups: [num_segments, length] row indices each
         n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
-        dtype = q.dtype
-        cos, sin = cos[:, None, :], sin[:, None, :]
-        q = (q.float() * cos + _rotate_half(q.float()) * sin).to(dtype)
-        k = (k.float() * cos + _rotate_half(k.float()) * sin).to(dtype)
+        qkv = self.qkv(x).view(n, 3, self.num_heads, self.head_dim)
+        q, k = fused_ops.vision_rotary(qkv, cos, sin)  # [P, H, D] each, rotated in fp32 like HF
+        v = qkv[:, 2]
         if len(groups) == 1 and groups[0].shape[0] == 1:  # one segment: the whole sequence
             o = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)))
             return self.proj(o[0].transpose(0, 1).reshape(n, -1))
@@ -151,6 +151,9 @@ class Qwen2_5_VisionMLP(nn.Module):
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [P, dim]; gate, up: [P, hidden]
+        if self.act is F.silu:  # Qwen2.5-VL's choice: act and product in one kernel
+            return self.down_proj(fused_ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -164,8 +167,9 @@ class Qwen2_5_VisionBlock(nn.Module):
         self.mlp = Qwen2_5_VisionMLP(dim, config.intermediate_size, config.hidden_act)
 
     def forward(self, x, cos, sin, groups):
-        x = x + self.attn(self.norm1(x), cos, sin, groups)
-        return x + self.mlp(self.norm2(x))
+        h = self.attn(self.norm1(x), cos, sin, groups)
+        h, x = self.norm2(h, x)  # x = x + attn; h = norm2(x): the add fused into the norm
+        return x + self.mlp(h)
 
 
 class Qwen2_5_PatchMerger(PatchMerger):
@@ -211,7 +215,7 @@ class Qwen2_5_VisionTransformer(VisionTowerBase):
         perm = (window_index[:, None] * unit + torch.arange(unit, device=device)).reshape(-1)
         x = x[perm]
         cos, sin = self.rotary(grid, device)
-        cos, sin = cos[perm], sin[perm]
+        cos, sin = cos[perm], _sign_sin(sin[perm])  # [P, head_dim] fp32; sin signed once for all blocks
         # Frames stay contiguous under the permutation (windows never cross a frame).
         full_groups = _segment_groups([h * w for t, h, w in grid for _ in range(t)], device)
         window_groups = _segment_groups(window_lens, device)
@@ -237,6 +241,7 @@ class Qwen2_5_VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
     """
 
     vision_tower_cls = Qwen2_5_VisionTransformer
+    vision_graphs_ok = False  # its window index is built on the host and copied per pass
 
     def get_mrope_positions(self, input_ids, image_grid_thw=None, video_grid_thw=None, second_per_grid_ts=None):
         videos = _grid_list(video_grid_thw)

@@ -32,11 +32,10 @@ from engine.models.layers import (
     _apply_rotary_signed,
     _rope_inv_freq,
     _sign_sin,
-    _swap_halves,
     activation,
 )
 from engine.models.llama import _STACKED, CausalLMTextMixin, LlamaModel
-from kernels import AttentionBackend
+from kernels import AttentionBackend, fused_ops
 
 __all__ = [
     "MRotaryEmbedding",
@@ -100,15 +99,14 @@ class VisionAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, runs: Sequence[tuple[int, int, int, int]]
     ) -> torch.Tensor:
-        # x: [P, dim]; cos, sin: [P, 1, 1, head_dim] fp32, sin signed (``_sign_sin``);
+        # x: [P, dim]; cos, sin: [P, head_dim] fp32, sin signed (``_sign_sin``);
         # runs: (first row, end row, frames, patches per frame) of consecutive equal-size frames
         n = x.shape[0]
         qkv = self.qkv(x).view(n, 3, self.num_heads, self.head_dim)
         dtype = qkv.dtype
-        # HF rotates q and k in fp32 and casts back; q and k are rotated together here.
-        qk = qkv[:, :2].float()
-        qk = (qk * cos + _swap_halves(qk) * sin).to(dtype)  # [P, 2, H, D]
-        q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]
+        # HF rotates q and k in fp32 and casts back (one fused kernel on CUDA in fp16 / bf16)
+        q, k = fused_ops.vision_rotary(qkv, cos, sin)  # [P, H, D] each
+        v = qkv[:, 2]
         if len(runs) == 1:
             _, _, frames, length = runs[0]
             o = F.scaled_dot_product_attention(
@@ -225,7 +223,7 @@ class Qwen2VisionTransformer(VisionTowerBase):
             raise ValueError(f"qwen2_vl: {pixel_values.shape[0]} patches do not match grid_thw {grid} ({total})")
         x = self.patch_embed(pixel_values)
         cos, sin = self.rotary(grid, x.device)
-        cos, sin = cos[:, None, None, :], _sign_sin(sin)[:, None, None, :]  # once for all blocks
+        sin = _sign_sin(sin)  # cos, sin: [P, head_dim] fp32; signed once for all blocks
         runs = _frame_runs(grid)
         for blk in self.blocks:
             x = blk(x, cos, sin, runs)
@@ -496,7 +494,17 @@ class Qwen2VLForConditionalGeneration(CausalLMTextMixin, nn.Module):
         else:
             raise ValueError(f"qwen2_vl: unsupported modality {modality!r}; expected 'image' or 'video'")
         device = self.visual.patch_embed.proj.weight.device
-        return self.visual(pixels.to(device=device, dtype=self.visual.dtype), grid)
+        return self._run_visual(pixels.to(device=device, dtype=self.visual.dtype), _grid_list(grid))
+
+    # Set by the runner on CUDA (``engine.cuda_graphs.EncoderGraphCache``): replays small
+    # vision passes from CUDA graphs; None runs the tower eagerly.
+    visual_runner: Any = None
+    # The tower makes no host syncs or host->device copies, so it can be captured.
+    vision_graphs_ok = True
+
+    def _run_visual(self, pixels: torch.Tensor, grid: list[list[int]]) -> torch.Tensor:
+        # pixels: [P, C*T*p*p] in the tower's dtype -> [P / m^2, hidden]
+        return (self.visual_runner or self.visual)(pixels, grid)
 
     # Patches per vision-tower pass in ``embed_multimodal_batch`` (bounds activation memory:
     # roughly 40 KB per patch at Qwen2-VL-2B's width in bf16).
@@ -531,7 +539,7 @@ class Qwen2VLForConditionalGeneration(CausalLMTextMixin, nn.Module):
         def flush() -> None:
             pixels = torch.cat([p.to(device=device, dtype=dtype) for _, p, _ in chunk])
             grid = [g for _, _, gs in chunk for g in gs]
-            enc = self.visual(pixels, grid)
+            enc = self._run_visual(pixels, grid)
             sizes = [sum(num_mm_tokens(gs, self.spatial_merge_size)) for _, _, gs in chunk]
             for (i, _, _), e in zip(chunk, enc.split(sizes)):
                 out[i] = e

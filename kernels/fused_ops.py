@@ -1,0 +1,225 @@
+"""The model layers' elementwise ops behind one switch: fused Triton kernels on CUDA, torch elsewhere.
+
+Each public function here is the torch reference implementation of an op the models use (moved
+from engine/models/layers.py, which re-exports them) plus one dispatch test: the fused kernel of
+``kernels/triton_fused.py`` runs instead only when
+
+  * the tensor is on CUDA (or CPU with ``force_cpu_triton(True)``: a test hook, meant for
+    Triton's interpreter, ``TRITON_INTERPRET=1`` set before the first fused call),
+  * its dtype is fp16 or bf16: fp32 keeps the torch code, which fp32 runs compare bit for bit
+    with HF transformers,
+  * the fused kernels are enabled: ``VLMSERVE_FUSED_KERNELS`` (default on; "0" turns them off),
+    overridden by ``set_enabled(True / False)``; ``set_enabled(None)`` rereads the variable,
+  * triton imports (tried once, on the first call that would use it),
+  * and the op's shape is one the kernel handles (full rotary, rows of at most
+    ``MAX_NORM_WIDTH``, matching dtypes); anything else takes the torch path.
+
+The kernels reproduce these references' roundings: bit for bit for the rotaries and the residual
+add, within one ulp of the dtype otherwise (two where an intermediate torch stores in the dtype,
+e.g. silu(gate) before ``* up``, sits on a rounding tie); see tests/test_fused_kernels.py. The
+choice is made in Python at call time, so a CUDA graph keeps the path active at its capture.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _env_enabled() -> bool:
+    return os.environ.get("VLMSERVE_FUSED_KERNELS", "1").strip() != "0"
+
+
+_enabled: bool = _env_enabled()
+_force_cpu: bool = False
+_triton_mod: ModuleType | None | bool = None  # None: not tried yet; False: import failed
+
+
+def set_enabled(flag: bool | None) -> None:
+    """Turn the fused kernels on or off for later calls; ``None`` rereads VLMSERVE_FUSED_KERNELS."""
+    global _enabled
+    _enabled = _env_enabled() if flag is None else bool(flag)
+
+
+def is_enabled() -> bool:
+    """Whether fused kernels may run (they still need CUDA, fp16/bf16 and triton)."""
+    return _enabled
+
+
+def force_cpu_triton(flag: bool) -> None:
+    """Test hook: route CPU tensors to the Triton kernels too (needs ``TRITON_INTERPRET=1`` set
+    before ``kernels.triton_fused`` is first imported)."""
+    global _force_cpu
+    _force_cpu = bool(flag)
+
+
+def _load_triton() -> ModuleType | None:
+    global _triton_mod
+    if _triton_mod is None:
+        try:
+            import kernels.triton_fused as mod
+
+            _triton_mod = mod
+        except Exception as exc:  # noqa: BLE001 - no triton, or one without a usable backend: torch ops
+            logger.warning("fused kernels unavailable, using torch ops: %s", exc)
+            _triton_mod = False
+    return _triton_mod or None
+
+
+def _fast(x: torch.Tensor) -> ModuleType | None:
+    """The Triton module when ``x`` should take the fused path, else None. Cheapest tests first:
+    this runs for every op of every layer."""
+    if not _enabled or x.dtype not in _HALF_DTYPES:
+        return None
+    if not (x.is_cuda or (_force_cpu and x.device.type == "cpu")):
+        return None
+    return _load_triton()
+
+
+# -- references ------------------------------------------------------------------------------------
+
+
+def _swap_halves(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x2, x1), dim=-1)
+
+
+def _rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Same order of operations as HF's LlamaRMSNorm (normalise in fp32, scale in input dtype).
+    # F.rms_norm without a weight upcasts to fp32, multiplies by rsqrt(mean(x^2) + eps) and
+    # casts back: HF's op sequence in one call (bit-identical on CPU). fp32 on CUDA keeps the
+    # op-by-op form so that fp32 GPU runs stay bit-equal to HF's reduction order.
+    if x.dtype == torch.float32 and x.is_cuda:
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * x
+    return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
+
+
+# -- public ops ------------------------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF RMSNorm: ``weight * to_dtype(fp32(x) * rsqrt(mean(fp32(x)^2) + eps))``; x: [..., C], weight: [C]."""
+    tf = _fast(x)
+    if tf is not None and weight.dtype == x.dtype and weight.shape == x.shape[-1:] and x.shape[-1] <= tf.MAX_NORM_WIDTH:
+        return tf.rms_norm(x, weight, eps)
+    return _rms_norm_ref(x, weight, eps)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(residual + x), residual + x): a residual add and the next norm in one pass.
+
+    x, residual: [..., C] of one dtype. Neither input is written (the first layer's residual is the
+    caller's embeddings).
+    """
+    tf = _fast(x)
+    if (
+        tf is not None
+        and residual.dtype == x.dtype
+        and weight.dtype == x.dtype
+        and residual.shape == x.shape
+        and weight.shape == x.shape[-1:]
+        and x.shape[-1] <= tf.MAX_NORM_WIDTH
+    ):
+        return tf.fused_add_rms_norm(x, residual, weight, eps)
+    residual = residual + x
+    return _rms_norm_ref(residual, weight, eps), residual
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x: [N, 2I] (gate | up, a merged gate/up projection) -> silu(gate) * up: [N, I]."""
+    tf = _fast(x)
+    if tf is not None and x.dim() == 2:
+        return tf.silu_and_mul(x)
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for separate projections; gate, up: [N, I] of one dtype -> [N, I]."""
+    tf = _fast(gate)
+    if tf is not None and gate.dim() == 2 and gate.shape == up.shape and up.dtype == gate.dtype:
+        return tf.act_and_mul(gate, up, "silu")
+    return F.silu(gate) * up
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """``x * sigmoid(1.702 * x)`` (CLIP's and Qwen2-VL's vision MLP activation)."""
+    tf = _fast(x)
+    if tf is not None:
+        return tf.quick_gelu(x)
+    return x * torch.sigmoid(1.702 * x)
+
+
+def apply_rotary_signed(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, rot_dim: int) -> torch.Tensor:
+    """Neox rotary ``x * cos + swap_halves(x) * sin_signed`` over the first ``rot_dim`` of D.
+
+    x: [N, heads, D] (q and k heads together; a strided view is fine); cos, sin_signed:
+    [N, 1, rot_dim] in x's dtype, ``sin_signed`` with its first half negated (layers._sign_sin).
+    Returns a new [N, heads, D] tensor; x is not written.
+    """
+    tf = _fast(x)
+    if (
+        tf is not None
+        and rot_dim == x.shape[-1]
+        and x.dim() == 3
+        and cos.dtype == x.dtype
+        and sin_signed.dtype == x.dtype
+        and cos.shape == sin_signed.shape == (x.shape[0], 1, rot_dim)  # one row per token, no broadcast
+        and cos.stride(-1) == 1
+        and sin_signed.stride(-1) == 1
+    ):
+        return tf.rotary(x, cos, sin_signed)
+    if rot_dim == x.shape[-1]:
+        return x * cos + _swap_halves(x) * sin_signed
+    rot, rest = x[..., :rot_dim], x[..., rot_dim:]
+    return torch.cat((rot * cos + _swap_halves(rot) * sin_signed, rest), dim=-1)
+
+
+def vision_rotary(
+    qkv: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k of a vision qkv rotated in fp32, as HF's Qwen2-VL / Qwen2.5-VL towers do.
+
+    qkv: [P, 3, H, D]; cos, sin_signed: [P, D] fp32 (sin with its first half negated). Returns
+    q, k: [P, H, D] in qkv's dtype (v is ``qkv[:, 2]``, untouched).
+    """
+    tf = _fast(qkv)
+    if (
+        tf is not None
+        and cos.dtype == torch.float32
+        and sin_signed.dtype == torch.float32
+        and cos.shape == sin_signed.shape == (qkv.shape[0], qkv.shape[-1])
+        and cos.stride(-1) == 1
+        and sin_signed.stride(-1) == 1
+    ):
+        return tf.vision_rotary(qkv, cos, sin_signed)
+    # HF rotates q and k in fp32 and casts back; q and k are rotated together here.
+    qk = qkv[:, :2].float()
+    cos, sin_signed = cos[:, None, None, :], sin_signed[:, None, None, :]
+    qk = (qk * cos + _swap_halves(qk) * sin_signed).to(qkv.dtype)  # [P, 2, H, D]
+    return qk[:, 0], qk[:, 1]
+
+
+__all__ = [
+    "apply_rotary_signed",
+    "force_cpu_triton",
+    "fused_add_rms_norm",
+    "is_enabled",
+    "quick_gelu",
+    "rms_norm",
+    "set_enabled",
+    "silu_and_mul",
+    "silu_mul",
+    "vision_rotary",
+]
