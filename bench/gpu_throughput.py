@@ -351,10 +351,10 @@ class StepRecorder:
             rec._last = (out.num_batched_tokens, len(out.scheduled))
             return rec.process(out, result)
 
-        def step():
+        def step(*args, **kwargs):
             rec._last = (0, 0)
             t0 = time.perf_counter()
-            r = rec.core_step()
+            r = rec.core_step(*args, **kwargs)
             if rec._last[1]:
                 rec.steps.append((t0, time.perf_counter(), *rec._last))
             return r
@@ -549,7 +549,11 @@ def run_profile(llm: LLM, reqs: list[dict], out_len: int, n_steps: int, device: 
     from torch.profiler import ProfilerActivity, profile
 
     runner = llm.core.runner
-    execute = runner.execute  # launch + collect: async scheduling is off while profiling
+    orig_launch, orig_collect = runner.launch, runner.collect
+
+    def execute(sched_out):  # launch + collect: async scheduling is off while profiling
+        return orig_collect(orig_launch(sched_out))
+
     async_was, llm.core.async_scheduling = llm.core.async_scheduling, False
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     state = {"decode": 0, "prefill": 0}
@@ -572,8 +576,7 @@ def run_profile(llm: LLM, reqs: list[dict], out_len: int, n_steps: int, device: 
         return result
 
     runner.launch = lambda sched_out, prev=None: _Done(profiled(sched_out))
-    runner_collect = runner.collect
-    runner.collect = lambda h: h.result if isinstance(h, _Done) else runner_collect(h)
+    runner.collect = lambda h: h.result if isinstance(h, _Done) else orig_collect(h)
     try:
         llm.generate(reqs, greedy_params(out_len), use_tqdm=False)
     finally:
