@@ -191,7 +191,7 @@ def test_front_end_and_device_preprocessor_match_hf(which, vlm_dir, vlm25_dir):
     device_pre = get_device_preprocessor(config, torch.device("cpu"))
     assert type(device_pre).__name__ == "Qwen2VLDevicePreprocessor"
     ip = pil_image_processor(model_dir)
-    images = [CASES[c]() for c in ("resize down 448x448", "RGBA", "no resize 224x224", "P", "rounding 100x150")]
+    images = [CASES[c]() for c in ("resize down 448x448", "L", "no resize 224x224", "P", "rounding 100x150")]
     images.append(images[0].copy())  # same size as images[0]: packed together
     datas = []
     for i, img in enumerate(images):
