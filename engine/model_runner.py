@@ -184,11 +184,18 @@ class ModelRunner:
             return torch.zeros(shape, dtype=dtype, pin_memory=pin)
 
         self._table = np.zeros((n, self._max_table_blocks), dtype=np.int32)
-        self._table_stage_t = buf(n * self._max_table_blocks, torch.int32)  # [n, width] packed
-        self._ids_t = buf(n, torch.int64)
-        self._pos_t = buf((3, n) if self.uses_mrope else n, torch.int64)
-        self._slots_t = buf(n, torch.int64)
-        self._seqlens_t = buf(n, torch.int32)
+        # Two sets of staging buffers, used in turn: with async scheduling the copies of step n
+        # may still be queued on the device while the host prepares step n + 1.
+        self._stage_sets = [
+            (buf(n * self._max_table_blocks, torch.int32),  # block table [n, width] packed
+             buf(n, torch.int64),  # ids
+             buf((3, n) if self.uses_mrope else n, torch.int64),  # positions
+             buf(n, torch.int64),  # slots
+             buf(n, torch.int32))  # seq_lens
+            for _ in range(2)
+        ]
+        self._stage_flip = 0
+        self._table_stage_t, self._ids_t, self._pos_t, self._slots_t, self._seqlens_t = self._stage_sets[0]
         # Two pinned landing buffers for sampled tokens: at most two steps are in flight.
         self._token_host = [buf(n, torch.int64) for _ in range(2)]
         self._token_flip = 0
@@ -226,6 +233,9 @@ class ModelRunner:
         sched = out.scheduled
         n = len(sched)
         reqs = [r for r, _ in sched]
+        self._stage_flip ^= 1
+        self._table_stage_t, self._ids_t, self._pos_t, self._slots_t, self._seqlens_t = \
+            self._stage_sets[self._stage_flip]
         starts = np.fromiter((r.num_computed_tokens + r.num_pending_tokens for r in reqs), dtype=np.int64, count=n)
         if prev is None:
             ids = self._ids_t.numpy()[:n]

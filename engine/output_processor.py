@@ -33,14 +33,17 @@ class OutputKind(enum.Enum):
 class IncrementalDetokenizer:
     """New text for each new token; uses the fast tokenizer's DecodeStream when there is one."""
 
-    def __init__(self, tokenizer: Any, skip_special_tokens: bool) -> None:
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool, deferred: bool = False) -> None:
         self.tokenizer = tokenizer
         self.skip = skip_special_tokens
         self.token_ids: list[int] = []
         self.text = ""
+        # deferred: nobody reads the text before the end (a final-only output without stop
+        # strings): collect ids, decode once in flush() instead of a stream step per token.
+        self.deferred = deferred
         backend = getattr(tokenizer, "_tokenizer", None)
         self._stream = None
-        if backend is not None:
+        if backend is not None and not deferred:
             from tokenizers.decoders import DecodeStream
 
             self._backend = backend
@@ -48,6 +51,8 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> str:
         self.token_ids.append(token_id)
+        if self.deferred:
+            return ""
         if self._stream is not None:
             piece = self._stream.step(self._backend, token_id) or ""
         else:  # slow tokenizer: decode everything and diff (correct, quadratic)
@@ -88,10 +93,11 @@ class _ReqState:
     seqs: dict[str, _SeqState]  # child request id -> state
     prompt_logprobs: list | None = None
     num_cached_tokens: int = 0
+    num_finished: int = 0  # seqs with a finish_reason
 
     @property
     def finished(self) -> bool:
-        return all(s.finish_reason is not None for s in self.seqs.values())
+        return self.num_finished == len(self.seqs)
 
 
 class OutputProcessor:
@@ -125,7 +131,8 @@ class OutputProcessor:
     ) -> None:
         seqs = {}
         for i, (child_id, params) in enumerate(child_params.items()):
-            detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+            deferred = kind == OutputKind.FINAL_ONLY and not params.stop
+            detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, deferred)
             seqs[child_id] = _SeqState(i, detok, params, logprobs=[] if params.logprobs is not None else None,
                                        cumulative_logprob=0.0 if params.logprobs is not None else None)
             self.child_to_parent[child_id] = request_id
@@ -166,10 +173,14 @@ class OutputProcessor:
                 state.prompt_logprobs = [None if p is None else self._decode_lp(p) for p in out.prompt_logprobs]
             state.num_cached_tokens = max(state.num_cached_tokens, out.num_cached_tokens)
             self._apply(seq, out)
-            if out.finish_reason is None and seq.finish_reason is not None:
-                to_abort.append(out.request_id)  # a stop string ended it: the core must drop it too
+            if seq.finish_reason is not None:
+                state.num_finished += 1
+                if out.finish_reason is None:
+                    to_abort.append(out.request_id)  # a stop string ended it: the core must drop it too
             touched[parent] = state
         for rid, state in touched.items():
+            if state.kind is OutputKind.FINAL_ONLY and not state.finished:
+                continue
             ro = self._make_output(state)
             if ro is not None:
                 ready.append(ro)

@@ -38,6 +38,15 @@ def topk_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> li
     return rows
 
 
+def _h2d(data, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+    """A host list -> tensor on ``device`` without a host sync: from pinned memory, asynchronously
+    (a copy from pageable memory would wait for the work queued before it: the whole forward)."""
+    t = torch.tensor(data, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int) -> None:
         self.device = device
@@ -68,7 +77,7 @@ class Sampler:
             if len(sample_rows) == num_rows:
                 token_ids = self._sample(logits, reqs)
             else:
-                idx = torch.tensor(sample_rows, dtype=torch.long, device=logits.device)
+                idx = _h2d(sample_rows, torch.long, logits.device)
                 sampled = self._sample(logits.index_select(0, idx), [reqs[r] for r in sample_rows])
                 token_ids = token_ids.index_copy(0, idx, sampled)
 
@@ -105,8 +114,8 @@ class Sampler:
             self._penalise(logits, [reqs[r] for r in pen_rows], pen_rows)
         if min_rows:
             # One scatter of -inf at every (row, stop id) pair of the rows still below min_tokens.
-            idx = torch.tensor([min_rows, min_cols], dtype=torch.long, device=dev)
-            logits.index_put_((idx[0], idx[1]), torch.tensor(float("-inf"), device=dev))
+            idx = _h2d([min_rows, min_cols], torch.long, dev)
+            logits[idx[0], idx[1]] = float("-inf")
         return logits
 
     @staticmethod
@@ -121,11 +130,11 @@ class Sampler:
         for i, o in enumerate(outs):
             if o:
                 pad[i, : len(o)] = torch.as_tensor(o, dtype=torch.long)
-        pad = pad.to(dev)
+        pad = (pad.pin_memory() if dev.type == "cuda" else pad).to(dev, non_blocking=True)
         counts = torch.zeros((m, vocab + 1), dtype=logits.dtype, device=dev)
         counts.scatter_add_(1, pad, torch.ones(pad.shape, dtype=logits.dtype, device=dev))
         counts = counts[:, :vocab]
-        row_idx = torch.tensor(rows, dtype=torch.long, device=dev)
+        row_idx = _h2d(rows, torch.long, dev)
         sub = logits.index_select(0, row_idx)  # [m, V]
         ps = [req.params for req in reqs]
         rep_rows = [i for i, p in enumerate(ps) if p.repetition_penalty != 1.0]
@@ -137,17 +146,17 @@ class Sampler:
                 if t:
                     ppad[i, : len(t)] = torch.as_tensor(t, dtype=torch.long)
             seen = torch.zeros((m, vocab + 1), dtype=torch.bool, device=dev)
-            seen.scatter_(1, ppad.to(dev), True)
+            seen.scatter_(1, (ppad.pin_memory() if dev.type == "cuda" else ppad).to(dev, non_blocking=True), True)
             seen = seen[:, :vocab] | (counts > 0)
             rp_vals = {ps[i].repetition_penalty for i in rep_rows}
             if len(rp_vals) == 1:
                 rp = rp_vals.pop()  # a Python scalar, as the per-row code used
                 penalised = torch.where(sub > 0, sub / rp, sub * rp)
             else:
-                rp = torch.tensor([p.repetition_penalty for p in ps], dtype=sub.dtype, device=dev)[:, None]
+                rp = _h2d([p.repetition_penalty for p in ps], sub.dtype, dev)[:, None]
                 penalised = torch.where(sub > 0, sub / rp, sub * rp)
             if len(rep_rows) < m:
-                has_rep = torch.tensor([p.repetition_penalty != 1.0 for p in ps], device=dev)[:, None]
+                has_rep = _h2d([p.repetition_penalty != 1.0 for p in ps], torch.bool, dev)[:, None]
                 seen &= has_rep
             sub = torch.where(seen, penalised, sub)
         freq = [p.frequency_penalty for p in ps]
@@ -156,8 +165,8 @@ class Sampler:
             if len(set(freq)) == 1 and len(set(pres)) == 1:
                 sub = sub - (freq[0] * counts + pres[0] * (counts > 0).to(sub.dtype))
             else:
-                f = torch.tensor(freq, dtype=sub.dtype, device=dev)[:, None]
-                q = torch.tensor(pres, dtype=sub.dtype, device=dev)[:, None]
+                f = _h2d(freq, sub.dtype, dev)[:, None]
+                q = _h2d(pres, sub.dtype, dev)[:, None]
                 sub = sub - (f * counts + q * (counts > 0).to(sub.dtype))
         logits.index_copy_(0, row_idx, sub)
 
@@ -167,9 +176,9 @@ class Sampler:
         temps = [max(r.params.temperature, 1e-5) for r in reqs]
         if len(set(temps)) == 1:
             if temps[0] != 1.0:
-                logits = logits / torch.tensor(temps[0], device=dev)
+                logits = logits / temps[0]
         else:
-            logits = logits / torch.tensor(temps, device=dev)[:, None]
+            logits = logits / _h2d(temps, torch.float32, dev)[:, None]
         top_k = [r.params.top_k for r in reqs]
         top_p = [r.params.top_p for r in reqs]
         min_p = [r.params.min_p for r in reqs]
@@ -177,7 +186,7 @@ class Sampler:
             logits = _top_k_top_p(logits, top_k, top_p)
         probs = torch.softmax(logits, dim=-1)
         if any(m > 0.0 for m in min_p):
-            mp = torch.tensor(min_p, device=dev)[:, None]
+            mp = _h2d(min_p, torch.float32, dev)[:, None]
             probs = probs.masked_fill(probs < mp * probs.max(dim=-1, keepdim=True).values, 0.0)
         # Exponential race (argmax p/q, q ~ Exp(1)) == sampling from p. A seeded row draws from its
         # own generator, so its output does not depend on its batch; unseeded rows share one
@@ -194,7 +203,7 @@ class Sampler:
                 else:
                     draw = torch.empty((len(unseeded), probs.shape[1]), dtype=probs.dtype, device=dev)
                     draw.exponential_(generator=self.generator)
-                    q.index_copy_(0, torch.tensor(unseeded, dtype=torch.long, device=dev), draw)
+                    q.index_copy_(0, _h2d(unseeded, torch.long, dev), draw)
             for r in seeded:
                 q[r].exponential_(generator=reqs[r].generator)
         return (probs / q).argmax(dim=-1)
@@ -203,10 +212,10 @@ class Sampler:
 def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
     vocab = logits.shape[1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    k = torch.tensor([k if k > 0 else vocab for k in top_k], device=logits.device)
+    k = _h2d([k if k > 0 else vocab for k in top_k], torch.long, logits.device)
     position = torch.arange(vocab, device=logits.device)[None, :]
     mask = position >= k[:, None]
-    p = torch.tensor(top_p, device=logits.device)[:, None]
+    p = _h2d(top_p, torch.float32, logits.device)[:, None]
     probs = sorted_logits.masked_fill(mask, float("-inf")).softmax(dim=-1)
     # drop tokens whose preceding cumulative mass already reaches top_p (always keep the first)
     mask |= (probs.cumsum(dim=-1) - probs) >= p

@@ -150,3 +150,29 @@ def test_prompts_fed_while_the_engine_runs(tiny_qwen2):
     assert not llm.output_processor.requests
     again = llm.generate([{"prompt_token_ids": ids[0]}], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
     assert again[0].outputs[0].token_ids == outs[0].outputs[0].token_ids
+
+
+def test_deferred_detokenisation_equals_incremental(tiny_qwen2, tiny_llama):
+    """A final-only request without stop strings decodes its text once at the end; that text
+    equals the incremental (DecodeStream) text, with and without special tokens skipped, on
+    random token sequences including special tokens and byte-fallback pieces."""
+    import random
+
+    from engine.output_processor import IncrementalDetokenizer
+
+    for model_dir in (tiny_qwen2, tiny_llama):
+        tok = _llm(model_dir, False).get_tokenizer()
+        rng = random.Random(0)
+        specials = list(tok.all_special_ids)
+        for trial in range(60):
+            ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 40))]
+            if trial % 3 == 0 and specials:
+                ids.insert(rng.randrange(len(ids) + 1), rng.choice(specials))
+            for skip in (True, False):
+                inc, dfr = IncrementalDetokenizer(tok, skip), IncrementalDetokenizer(tok, skip, deferred=True)
+                for t in ids:
+                    inc.add(t)
+                    assert dfr.add(t) == ""
+                inc.flush()
+                dfr.flush()
+                assert dfr.text == inc.text, (ids, skip)
