@@ -107,6 +107,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--no-async-scheduling", action="store_true", help="every engine step synchronous")
+    p.add_argument("--w1-sweep", default="", metavar="SEQS:TOKENS,...",
+                   help="after W1, rerun it (fresh images) with these max_num_seqs:max_num_batched_tokens in the "
+                        "same engine (created with the largest of each)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--batch1-tokens", type=int, default=512)
     p.add_argument("--ttft-repeats", type=int, default=5)
@@ -768,10 +771,17 @@ def main(argv=None) -> int:
     # -- our engine ---------------------------------------------------------------------------
     with section("engine init"):
         t0 = time.perf_counter()
+        sweep = [tuple(int(v) for v in item.split(":")) for item in args.w1_sweep.split(",") if item]
         llm = LLM(str(model_dir), dtype=str(dtype).removeprefix("torch."), device=device.type,
-                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                  max_num_seqs=max([args.max_num_seqs] + [a for a, _ in sweep]),
+                  max_num_batched_tokens=max([args.max_num_batched_tokens] + [b for _, b in sweep]),
                   gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
                   async_scheduling=not args.no_async_scheduling)
+        if sweep:  # the engine is sized for the sweep's largest; W1 itself runs with the arguments
+            import dataclasses
+
+            llm.core.scheduler.config = dataclasses.replace(
+                llm.core.scheduler.config, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
         eng = result["engine"] = dict(
             init_seconds=time.perf_counter() - t0, attention_backend=llm.core.runner.backend.name,
             num_kv_blocks=llm.core.runner.num_blocks, block_size=llm.config.cache.block_size,
@@ -805,6 +815,21 @@ def main(argv=None) -> int:
         if hf_outputs is not None:
             result["greedy_agreement_engine_vs_hf_default"] = agreement(eng_outputs[: len(hf_outputs)], hf_outputs)
             log(f"agreement with HF: {result['greedy_agreement_engine_vs_hf_default']}")
+
+    if sweep:
+        with section("engine W1 sweep"):
+            base = llm.core.scheduler.config
+            eng["w1_sweep"] = []
+            try:
+                for k, (seqs, tokens) in enumerate(sweep):
+                    llm.core.scheduler.config = dataclasses.replace(base, max_num_seqs=seqs, max_num_batched_tokens=tokens)
+                    r = run_w1(llm, inputs.requests(4_000_000 + 10_000 * k, args.num_requests), args.output_len, seqs)
+                    r.pop("outputs")
+                    eng["w1_sweep"].append(dict(max_num_seqs=seqs, max_num_batched_tokens=tokens, **r))
+                    log(f"W1 sweep {seqs}:{tokens}: {r['seconds']:.2f} s, {r['out_tok_per_s']:.0f} out tok/s; "
+                        f"steps {json.dumps(r['steps'])}")
+            finally:
+                llm.core.scheduler.config = base
 
     with section("engine batch 1"):
         ttfts = []
