@@ -30,12 +30,13 @@ from kernels import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
+DEFAULT_CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
 
 
 def capture_sizes(max_num_seqs: int, ladder: tuple[int, ...] = DEFAULT_CAPTURE_SIZES) -> list[int]:
     """The ladder capped by max_num_seqs; max_num_seqs itself is added when it falls between rungs
-    (so that every decode batch the scheduler can form has a graph)."""
+    (so that every decode batch the scheduler can form has a graph). Past the ladder's top (512,
+    vLLM's default too) decode steps run eagerly."""
     sizes = [s for s in ladder if s <= max_num_seqs]
     if max_num_seqs <= ladder[-1] and (not sizes or sizes[-1] < max_num_seqs):
         sizes.append(max_num_seqs)

@@ -139,6 +139,13 @@ class EngineCore:
                     num_cached_tokens=req.num_cached_tokens, scheduled_time=req.first_scheduled_time,
                     pooled=result.pooled[req.request_id]))
                 continue
+            if req.final_only:
+                if req.status.finished:  # everything at once: the front end reads nothing earlier
+                    outputs.append(EngineCoreOutput(
+                        request_id=req.request_id, new_token_ids=list(req.output_token_ids),
+                        finish_reason=req.status.value, stop_reason=req.stop_reason,
+                        num_cached_tokens=req.num_cached_tokens, scheduled_time=req.first_scheduled_time))
+                continue
             lp = result.logprobs.get(req.request_id)
             first = req.num_output_tokens == 1
             outputs.append(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from engine.config import EngineArgs
@@ -156,6 +157,10 @@ class LLM:
             req.request_id, prompt, req.prompt_token_ids, {c.request_id: c.sampling_params for c in children}, kind
         )
         for child in children:
+            p = child.sampling_params
+            if kind == OutputKind.FINAL_ONLY and not p.stop and p.logprobs is None and p.prompt_logprobs is None:
+                # no stop strings to watch, nothing per token: one report from the core at the end
+                child = replace(child, final_only=True)
             self.core.add_request(child)
 
     # Prompts processed before the first engine step; the rest are fed in between and during steps.

@@ -33,6 +33,9 @@ class EngineRequest:
     # Set for a pooling (embedding) request: the prompt is computed and its pooled hidden state
     # returned; nothing is sampled.
     pooling_params: PoolingParams | None = None
+    # The front end wants only the finished result (offline generate without stop strings or
+    # logprobs): the core then reports the request once, with all its tokens, when it finishes.
+    final_only: bool = False
 
 
 class RequestStatus(enum.Enum):
@@ -87,6 +90,7 @@ class Request:
             and p.prompt_logprobs is None and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0 \
             and p.repetition_penalty == 1.0
         self.max_tokens = p.max_tokens if p is not None else None
+        self.final_only = req.final_only
         self.pool_acc: Any = None  # MEAN: running fp32 sum of hidden states; CLS: the first row
 
     @property

@@ -176,3 +176,26 @@ def test_deferred_detokenisation_equals_incremental(tiny_qwen2, tiny_llama):
                 inc.flush()
                 dfr.flush()
                 assert dfr.text == inc.text, (ids, skip)
+
+
+def test_final_only_requests_report_once(tiny_qwen2):
+    """Offline generate without stop strings or logprobs: the core reports each request once, at
+    its end, with every token; the outputs equal those of requests reported token by token (a
+    stop string that never matches forces the per-token path)."""
+    llm = _llm(tiny_qwen2, True)
+    reports: list[int] = []
+    orig_step = llm.core.step
+
+    def step(idle=None):
+        out = orig_step(idle)
+        reports.extend(len(o.new_token_ids) for o in out)
+        return out
+
+    llm.core.step = step
+    quiet = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
+    assert sorted(reports) == sorted(len(o.outputs[0].token_ids) for o in quiet)  # one report each
+    reports.clear()
+    loud = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12, stop=["\x00never"]), use_tqdm=False)
+    assert len(reports) == sum(len(o.outputs[0].token_ids) for o in loud)
+    assert [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in quiet] == \
+        [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in loud]
