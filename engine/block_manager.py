@@ -12,6 +12,7 @@ padded block-table entries point at.
 
 from __future__ import annotations
 
+import array
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ class Block:
 def hash_block(parent: bytes | None, token_ids: list[int], extra_keys: tuple[Any, ...] = ()) -> bytes:
     """sha256(parent hash, token ids, extra keys): collision-resistant, stable across processes."""
     h = hashlib.sha256(parent or b"root")
-    h.update(b",".join(str(t).encode() for t in token_ids))
+    h.update(array.array("q", token_ids).tobytes())  # fixed-width: unambiguous, ~3x faster than text
     if extra_keys:
         h.update(repr(extra_keys).encode())
     return h.digest()
