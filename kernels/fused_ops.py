@@ -12,10 +12,11 @@ from engine/models/layers.py, which re-exports them) plus one dispatch test: the
     overridden by ``set_enabled(True / False)``; ``set_enabled(None)`` rereads the variable,
   * triton imports (tried once, on the first call that would use it),
   * and the op's shape is one the kernel handles (full rotary, rows of at most
-    ``MAX_NORM_WIDTH``, matching dtypes); anything else takes the torch path.
+    ``MAX_NORM_WIDTH`` (``MAX_LAYER_NORM_WIDTH`` for LayerNorm), matching dtypes); anything else
+    takes the torch path.
 
 The kernels reproduce these references' roundings: bit for bit for the rotaries and the residual
-add, within one ulp of the dtype otherwise (two where an intermediate torch stores in the dtype,
+adds, within one ulp of the dtype otherwise (two where an intermediate torch stores in the dtype,
 e.g. silu(gate) before ``* up``, sits on a rounding tie); see tests/test_fused_kernels.py. The
 choice is made in Python at call time, so a CUDA graph keeps the path active at its capture.
 """
@@ -136,6 +137,41 @@ def fused_add_rms_norm(
     return _rms_norm_ref(residual, weight, eps), residual
 
 
+def fused_add_layer_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layer_norm(x + residual), x + residual): a residual add and the next LayerNorm in one pass.
+
+    x, residual: [..., C] of one dtype; weight, bias: [C] or None (no weight takes the torch path,
+    no bias is fine for the kernel). The sum is rounded to the dtype (torch's ``x + residual``) and
+    normalised from that rounded value, as ``F.layer_norm`` of the stored sum is. With
+    ``residual=None`` (a first block): ``(layer_norm(x), x)`` by torch's kernel. Neither input is
+    written.
+    """
+    if residual is None:
+        # Torch's own LayerNorm kernel (vectorized_layer_norm_kernel on CUDA): one call per tower,
+        # and kernels.triton_fused.layer_norm is not known to beat it.
+        return F.layer_norm(x, x.shape[-1:], weight, bias, eps), x
+    tf = _fast(x)
+    if (
+        tf is not None
+        and residual.dtype == x.dtype
+        and weight is not None
+        and weight.dtype == x.dtype
+        and (bias is None or (bias.dtype == x.dtype and bias.shape == x.shape[-1:]))
+        and residual.shape == x.shape
+        and weight.shape == x.shape[-1:]
+        and x.shape[-1] <= tf.MAX_LAYER_NORM_WIDTH
+    ):
+        return tf.fused_add_layer_norm(x, residual, weight, bias, eps)
+    residual = x + residual
+    return F.layer_norm(residual, residual.shape[-1:], weight, bias, eps), residual
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x: [N, 2I] (gate | up, a merged gate/up projection) -> silu(gate) * up: [N, I]."""
     tf = _fast(x)
@@ -214,6 +250,7 @@ def vision_rotary(
 __all__ = [
     "apply_rotary_signed",
     "force_cpu_triton",
+    "fused_add_layer_norm",
     "fused_add_rms_norm",
     "is_enabled",
     "quick_gelu",

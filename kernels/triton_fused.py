@@ -1,5 +1,6 @@
-"""Fused Triton kernels for the model layers' elementwise work: activations, RMSNorm (with the
-residual add), and rotary embeddings. CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``.
+"""Fused Triton kernels for the model layers' elementwise work: activations, RMSNorm and
+LayerNorm (each with the residual add), and rotary embeddings. CUDA tensors; CPU tensors under
+``TRITON_INTERPRET=1``.
 
 Each kernel reproduces the rounding of the torch code it replaces (``kernels/fused_ops.py`` holds
 those references and decides when these run): math in fp32, and an intermediate is rounded to the
@@ -16,6 +17,9 @@ Kernels (one program per row, or per (row, column block) for the elementwise one
     a merged gate/up projection).
   * ``_rms_norm_kernel``: HF's RMSNorm (normalise in fp32, round, times weight), optionally after
     ``x + residual`` (rounded, and written out as the new residual).
+  * ``_layer_norm_kernel``: torch's LayerNorm (mean, biased variance, ``(x - mean) * rstd * w + b``
+    in fp32, one rounding), optionally after ``x + residual`` (rounded, and written out as the new
+    residual); several narrow rows per program.
   * ``_rotary_kernel``: neox rotary of q and k heads together, ``x * cos + swap_halves(x) * sin``
     with a signed sin table, every product and the sum rounded to the dtype.
   * ``_vision_rotary_kernel``: the same over q and k of a vision qkv [P, 3, H, D] with fp32 tables,
@@ -33,6 +37,9 @@ import triton.language as tl
 
 # RMSNorm keeps a whole row in registers; wider rows take the torch path (see fused_ops).
 MAX_NORM_WIDTH = 32768
+# LayerNorm keeps a row and its centred copy in registers: 8192 wide (Qwen2-VL's vision width is
+# 1280) compiles for sm_90 to 64 registers a thread at 8 warps, no spills; wider rows take torch's.
+MAX_LAYER_NORM_WIDTH = 8192
 
 # -- shared helpers --------------------------------------------------------------------------------
 
@@ -218,6 +225,101 @@ def fused_add_rms_norm(
     return _norm_launch(x, residual, weight, eps)
 
 
+# -- LayerNorm -------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _layer_norm_kernel(
+    x_ptr, r_ptr, w_ptr, b_ptr, o_ptr, ro_ptr,
+    n_rows, n_cols, stride_x, stride_r, stride_o, stride_ro, eps,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # One [BLOCK_M, BLOCK_N] tile = BLOCK_M whole rows (BLOCK_M > 1 only for narrow rows, so that
+    # a program still has enough elements per thread); columns are unit-stride (vector loads).
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    mask = (rows < n_rows)[:, None] & col_mask[None, :]
+    dtype = o_ptr.dtype.element_ty
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = _round(x + r, dtype)  # what ``x + residual`` stores: the norm reads the rounded sum
+        tl.store(ro_ptr + rows[:, None] * stride_ro + cols[None, :], x.to(dtype), mask=mask)
+    # Two-pass mean / variance over the row held in registers (torch uses Welford: same values
+    # up to fp32 rounding, which the single rounding to the dtype below absorbs but for ties).
+    mean = tl.sum(x, axis=1) / n_cols  # [BLOCK_M]
+    xc = tl.where(col_mask[None, :], x - mean[:, None], 0.0)  # masked lanes must not add to var
+    var = tl.sum(xc * xc, axis=1) / n_cols  # biased, as torch's
+    rstd = tl.math.rsqrt(var + eps)
+    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    y = (xc * rstd[:, None]) * w[None, :]  # torch's CUDA order: gamma * (rstd * (x - mean)) + beta
+    if HAS_BIAS:
+        b = tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        y = y + b[None, :]
+    # torch rounds the fp32 result once (no intermediate in the dtype, unlike HF's RMSNorm)
+    tl.store(o_ptr + rows[:, None] * stride_o + cols[None, :], _round(y, dtype).to(dtype), mask=mask)
+
+
+def _layer_norm_cfg(n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_M rows, BLOCK_N columns, warps) of a program for rows of ``n_cols``."""
+    block_n = triton.next_power_of_2(n_cols)
+    # Narrow rows (e.g. 80 -> 128 columns): pack rows up to a 1024-element tile, so a 4-warp
+    # program still has 8 elements a thread instead of idling most of its lanes.
+    block_m = max(1, min(16, 1024 // block_n))
+    tile = block_m * block_n
+    warps = 4 if tile <= 2048 else (8 if tile <= 8192 else 16)
+    return block_m, block_n, warps
+
+
+def _layer_norm_launch(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # x, residual: [..., C]; weight, bias: [C] -> normed [..., C], new residual [..., C] (contiguous;
+    # the second is ``out`` itself when there is no residual, and then unused)
+    n_cols = x.shape[-1]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    res_out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else out
+    if x.numel() == 0:
+        return out, res_out
+    x2 = _as_rows(x)
+    r2 = _as_rows(residual) if residual is not None else x2
+    if weight.stride(0) != 1:
+        weight = weight.contiguous()
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
+    o2, ro2 = out.view(-1, n_cols), res_out.view(-1, n_cols)
+    n_rows = x2.shape[0]
+    block_m, block_n, warps = _layer_norm_cfg(n_cols)
+    _layer_norm_kernel[(triton.cdiv(n_rows, block_m),)](
+        x2, r2, weight, bias if bias is not None else weight, o2, ro2,
+        n_rows, n_cols, x2.stride(0), r2.stride(0), o2.stride(0), ro2.stride(0), eps,
+        HAS_RESIDUAL=residual is not None,
+        HAS_BIAS=bias is not None,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=warps,
+    )
+    return out, res_out
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """``F.layer_norm(x, (C,), weight, bias, eps)`` of x: [..., C] (C <= MAX_LAYER_NORM_WIDTH);
+    weight, bias: [C] of x's dtype (bias may be None)."""
+    return _layer_norm_launch(x, None, weight, bias, eps)[0]
+
+
+def fused_add_layer_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layer_norm(x + residual), x + residual), the sum rounded to the dtype and normalised from
+    that rounded value; x, residual: [..., C] (row-strided views allowed), weight, bias: [C]."""
+    return _layer_norm_launch(x, residual, weight, bias, eps)
+
+
 # -- rotary ----------------------------------------------------------------------------------------
 
 
@@ -341,10 +443,13 @@ def vision_rotary(
 
 
 __all__ = [
+    "MAX_LAYER_NORM_WIDTH",
     "MAX_NORM_WIDTH",
     "act_and_mul",
     "activation",
+    "fused_add_layer_norm",
     "fused_add_rms_norm",
+    "layer_norm",
     "quick_gelu",
     "rms_norm",
     "rotary",

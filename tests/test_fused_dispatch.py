@@ -53,7 +53,8 @@ def fused_on():
         fused_ops.set_enabled(None)
 
 
-FUSED = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "act_and_mul", "quick_gelu", "rotary", "vision_rotary")
+FUSED = ("rms_norm", "fused_add_rms_norm", "fused_add_layer_norm", "silu_and_mul", "act_and_mul", "quick_gelu",
+         "rotary", "vision_rotary")
 
 
 def _count_calls(monkeypatch) -> dict[str, int]:
@@ -77,9 +78,12 @@ def _all_ops(dtype, rot_dim=64):
     cos, sin = _tables(3, rot_dim, dtype, seed=3)
     qkv = randn(3, 3, 2, 64, dtype=dtype, seed=4)
     vcos, vsin = randn(3, 64, dtype=torch.float32, seed=5), randn(3, 64, dtype=torch.float32, seed=6)
+    b = randn(128, dtype=dtype, scale=0.1, seed=7)
     return [
         fused_ops.rms_norm(x, w, 1e-6),
         *fused_ops.fused_add_rms_norm(x, x, w, 1e-6),
+        *fused_ops.fused_add_layer_norm(qk.view(9, 128)[:3], x, w, b, 1e-6),
+        *fused_ops.fused_add_layer_norm(x, None, w, b, 1e-6),  # first block: torch's LayerNorm
         fused_ops.silu_and_mul(x),
         fused_ops.silu_mul(x, x),
         fused_ops.quick_gelu(x),
@@ -105,7 +109,15 @@ def test_dispatch_routes(fused_on, monkeypatch):
     x = randn(3, 64, dtype=torch.bfloat16, seed=1)
     w32 = torch.ones(64, device=DEVICE)
     assert fused_ops.rms_norm(x, w32, 1e-6).dtype == torch.float32
-    assert "rotary" not in calls and calls["rms_norm"] == 1
+    # LayerNorm: fp32 weight, no weight, rows wider than the kernel's: torch's results exactly
+    h = randn(3, 64, dtype=torch.bfloat16, seed=2)
+    for w_, b_, xx, hh in ((w32, None, x, h), (None, None, x, h),
+                           (None, None, randn(1, 8200, dtype=torch.bfloat16, seed=3),
+                            randn(1, 8200, dtype=torch.bfloat16, seed=4))):
+        normed, res = fused_ops.fused_add_layer_norm(hh, xx, w_, b_, 1e-6)
+        assert torch.equal(res, hh + xx)
+        assert torch.equal(normed, torch.nn.functional.layer_norm(hh + xx, hh.shape[-1:], w_, b_, 1e-6))
+    assert "rotary" not in calls and calls["rms_norm"] == 1 and calls["fused_add_layer_norm"] == 1
     calls.clear()
     fused_ops.set_enabled(False)
     _all_ops(torch.float16)
@@ -239,7 +251,7 @@ def test_model_fused_vs_unfused(name, fused_on, monkeypatch):
     got = _outputs(name, model, torch.bfloat16)
     expected = {"rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary"}
     if name == "qwen2_vl":
-        expected |= {"quick_gelu", "vision_rotary"}
+        expected |= {"quick_gelu", "vision_rotary", "fused_add_layer_norm"}
     if name == "qwen2_5_vl":
         expected |= {"act_and_mul", "vision_rotary"}
     assert set(calls) == expected, calls
@@ -249,3 +261,38 @@ def test_model_fused_vs_unfused(name, fused_on, monkeypatch):
         scale_err = ((b.float() - ref32[i]).abs().max() / ref32[i].abs().max()).item()
         print(f"{name} output {i}: fused vs unfused bf16 {err:.2e} (unfused bf16 vs fp32 {scale_err:.2e})")
         assert err <= max(2e-2, 0.5 * scale_err), (name, i, err, scale_err)
+
+
+def _hf_order_block(blk, x, cos, sin, groups, residual=None):
+    """A vision block as it ran before the residual was carried (and as HF's towers run):
+    ``x = x + attn(norm1(x)); x = x + mlp(norm2(x))``. Returns (output, None), so that the next
+    block and the merger take it as a plain input."""
+    assert residual is None
+    x = x + blk.attn(blk.norm1(x), cos, sin, groups)
+    return x + blk.mlp(blk.norm2(x)), None
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
+@torch.no_grad()
+def test_vision_tower_residual_form_bit_identical(name, fused_on, monkeypatch):
+    """The residual-carrying blocks (each add done in the next norm's call, the last in the
+    merger's ln_q) give the same bits as the plain block order on the torch path: fp32 (where the
+    kernels never run) and bf16 with them off."""
+    from engine.models.qwen2_5_vl import Qwen2_5_VisionBlock
+    from engine.models.qwen2_vl import VisionBlock
+
+    model = _build(name)
+    _randomize(model, seed=1)
+    model = model.to(DEVICE).eval()
+    block_cls = VisionBlock if name == "qwen2_vl" else Qwen2_5_VisionBlock
+    grid = [[1, 4, 4], [2, 2, 4]]
+    p = sum(t * h * w for t, h, w in grid)
+    pix = torch.randn(p, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    for dtype in (torch.float32, torch.bfloat16):
+        model = model.to(dtype)
+        fused_ops.set_enabled(dtype == torch.float32)  # on in fp32: the torch path all the same
+        got = model.visual(pix.to(dtype), grid)
+        with monkeypatch.context() as m:
+            m.setattr(block_cls, "forward", _hf_order_block)
+            ref = model.visual(pix.to(dtype), grid)
+        assert got.dtype == dtype and torch.equal(got, ref), (name, dtype)

@@ -13,8 +13,16 @@ Tolerances, in ulps of the dtype (the distance between the two values' ordered b
     tie of the dtype, the rounded intermediates differ by 1 ulp, and the product by up to 2;
   * rms_norm / fused_add_rms_norm: 1 with unit weights (the fp32 sum is reduced in another order);
     2 with weights, for the same reason: a 1-ulp change of the normalised value times the weight;
+  * layer_norm / fused_add_layer_norm: 1, weights and biases included (torch rounds the fp32
+    ``(x - mean) * rstd * w + b`` once, so a few fp32 ulps of difference in the mean or rstd move
+    it by at most one step), counted at the magnitude of the terms: a result that cancels to near
+    zero (``x`` close to the mean, or ``w * n`` close to ``-b``) carries an absolute error of a few
+    fp32 ulps of ``|w| (|x| + mean(|x|)) rstd + |b|`` in torch as in the kernel (the mean's error
+    scales with the row's magnitude; torch's CPU kernel even computes ``x * rstd - mean * rstd``),
+    so its error is measured in ulps of the dtype at that magnitude where that is smaller than the
+    raw ulp distance;
   * fp32 (the kernels accept it; the models keep torch there): 64 fp32 ulps for exp-based ones,
-    8 for the norms, 0 for the rotaries.
+    8 for the norms (LayerNorm's at the magnitude of its terms, as above), 0 for the rotaries.
 The worst errors are printed as a table by the last test (``pytest -s``).
 """
 
@@ -43,6 +51,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOL = {
     "quick_gelu": (2, 64), "silu_and_mul": (2, 64), "silu_mul": (2, 64),
     "rms_norm(w=1)": (1, 8), "rms_norm": (2, 8), "add_rms_norm": (2, 8), "residual_add": (0, 0),
+    "layer_norm": (1, 8), "add_layer_norm": (1, 8),
     "rotary": (0, 0), "vision_rotary": (0, 0),
 }
 ERRORS: dict[tuple[str, str], dict[str, float]] = {}  # (kernel, dtype) -> worst errors
@@ -57,11 +66,28 @@ def _ordered(t: torch.Tensor) -> torch.Tensor:
     return torch.where(i < 0, -(2**15) - i, i)
 
 
-def check(kernel: str, out: torch.Tensor, ref: torch.Tensor) -> None:
-    """Asserts ``out`` within the kernel's ulp tolerance of ``ref``; records the errors."""
+_MANTISSA = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
+
+
+def _spacing(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The dtype's ulp at each magnitude of ``scale`` (fp64), not below its smallest subnormal."""
+    fi = torch.finfo(dtype)
+    exp = torch.floor(torch.log2(scale.double().clamp_min(fi.tiny)))
+    return torch.exp2(exp - _MANTISSA[dtype])
+
+
+def check(kernel: str, out: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+    """Asserts ``out`` within the kernel's ulp tolerance of ``ref``; records the errors.
+
+    ``scale`` (optional, broadcast to ref): the magnitude of the terms each value is computed
+    from; an error is then the smaller of the ulp distance and ``|out - ref|`` in ulps of the
+    dtype at ``scale`` (rounded up), for results that cancel to far below their terms."""
     assert out.shape == ref.shape and out.dtype == ref.dtype, (out.shape, ref.shape, out.dtype, ref.dtype)
     assert torch.isfinite(out).all()
     ulps = (_ordered(out) - _ordered(ref)).abs()
+    if scale is not None:
+        at_scale = ((out.double() - ref.double()).abs() / _spacing(scale, out.dtype)).ceil().long()
+        ulps = torch.minimum(ulps, at_scale)
     worst = int(ulps.max()) if ulps.numel() else 0
     diff = (out.double() - ref.double()).abs()
     rel = (diff.max() / ref.double().abs().max().clamp_min(1e-30)).item() if ulps.numel() else 0.0
@@ -171,6 +197,97 @@ def test_rms_norm_3d_and_empty():
     assert tf.rms_norm(empty, w, 1e-6).shape == (0, 1536)
     n, r = tf.fused_add_rms_norm(empty, empty, w, 1e-6)
     assert n.shape == r.shape == (0, 1536)
+
+
+# -- LayerNorm ------------------------------------------------------------------------------------
+
+
+def _ln_ref(x, w, b, eps):
+    return F.layer_norm(x, x.shape[-1:], w, b, eps)
+
+
+def _ln_scale(x, w, b, eps):
+    """|w| (|x| + mean(|x|)) rstd + |b| in fp64: the magnitude of the terms of each LayerNorm
+    output (the mean's rounding error scales with the row's mean magnitude, not the mean)."""
+    xd = x.double()
+    mean = xd.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(((xd - mean) ** 2).mean(-1, keepdim=True) + eps)
+    scale = w.double().abs() * (xd.abs() + xd.abs().mean(-1, keepdim=True)) * rstd
+    return scale + b.double().abs() if b is not None else scale
+
+
+def _check_ln(x, w, b, eps, residual=None):
+    """The fused kernel (``residual`` given) or the plain one against torch's ``x + residual``
+    (bit-equal) and ``F.layer_norm`` of that rounded sum."""
+    if residual is None:
+        check("layer_norm", tf.layer_norm(x, w, b, eps), _ln_ref(x, w, b, eps), _ln_scale(x, w, b, eps))
+        return
+    normed, res = tf.fused_add_layer_norm(x, residual, w, b, eps)
+    ref_res = x + residual
+    check("residual_add", res, ref_res)
+    check("add_layer_norm", normed, _ln_ref(ref_res, w, b, eps), _ln_scale(ref_res, w, b, eps))
+
+
+# Narrow rows pack several to a program (80 -> 8 rows of 128): row counts that leave one partial.
+LN_ROWS = [1, 3, 17] if not CUDA else [1, 7, 1031, 4099]
+
+
+@ALL_DTYPES
+@pytest.mark.parametrize("width", [80, 1176, 1280, 1536, 5120, 8192])
+def test_layer_norm(dname, width):
+    dtype = DTYPES[dname]
+    eps = 1e-6
+    w = (1 + 0.3 * randn(width, dtype=torch.float32, seed=100)).to(dtype)
+    b = (0.1 * randn(width, dtype=torch.float32, seed=101)).to(dtype)
+    ones = torch.ones(width, device=DEVICE, dtype=dtype)
+    for i, rows in enumerate(LN_ROWS if width <= 2048 else WIDE_ROWS):
+        # an offset mean, as a residual stream has: the kernel centres before squaring
+        x = randn(rows, width, dtype=torch.float32, scale=2.0, seed=i).add_(0.5).to(dtype)
+        h = randn(rows, width, dtype=dtype, scale=2.0, seed=50 + i)
+        _check_ln(x, w, b, eps)
+        _check_ln(x, ones, None, eps)
+        _check_ln(h, w, b, eps, residual=x)
+        _check_ln(h, w, None, 1e-5, residual=x)
+    # strided rows: two overlapping slices of a wider buffer (x, then the residual)
+    base = randn(3, width + 64, dtype=dtype, scale=2.0, seed=77)
+    x, h = base[:, :width], base[:, 64:]
+    _check_ln(x, w, b, eps)
+    _check_ln(h, w, b, eps, residual=x)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (the interpreter) on inf / nan arithmetic
+def test_layer_norm_3d_empty_and_edge_rows():
+    dtype = torch.bfloat16
+    w = (1 + 0.3 * randn(1280, dtype=torch.float32, seed=4)).to(dtype)
+    b = (0.1 * randn(1280, dtype=torch.float32, seed=5)).to(dtype)
+    x, h = randn(2, 3, 1280, dtype=dtype, seed=3), randn(2, 3, 1280, dtype=dtype, seed=6)
+    _check_ln(x, w, b, 1e-6)
+    _check_ln(h, w, b, 1e-6, residual=x)
+    empty = torch.empty(0, 1280, device=DEVICE, dtype=dtype)
+    assert tf.layer_norm(empty, w, b, 1e-6).shape == (0, 1280)
+    n, r = tf.fused_add_layer_norm(empty, empty, w, b, 1e-6)
+    assert n.shape == r.shape == (0, 1280)
+    for dname in ("bf16", "fp16"):
+        dtype = DTYPES[dname]
+        w, b = w.to(dtype), b.to(dtype)
+        # constant rows: variance 0, the output is exactly the bias, as an exact mean gives (torch's
+        # CPU kernel computes x * rstd - mean * rstd from a mean a rounding off: 6e-5 here)
+        const = torch.full((2, 1280), 3.0, device=DEVICE, dtype=dtype)
+        assert torch.equal(tf.layer_norm(const, w, b, 1e-6), b.expand(2, -1))
+        # a large offset (mean 300, std 1: x - mean cancels), large magnitudes (fp16: x^2 is far
+        # beyond its range; the kernel squares in fp32)
+        offset = randn(2, 1280, dtype=torch.float32, seed=8).add_(300).to(dtype)
+        big = randn(2, 1280, dtype=torch.float32, scale=2e4, seed=9).clamp(-6e4, 6e4).to(dtype)
+        for x in (offset, big):
+            _check_ln(x, w, b, 1e-6)
+            _check_ln(x, w, b, 1e-6, residual=-0.5 * x)
+        # inf / nan in a row: nan rows, as torch's; the other rows untouched by them
+        bad = randn(3, 1280, dtype=dtype, seed=10)
+        bad[0, 7], bad[1, 100] = float("inf"), float("nan")
+        ref = _ln_ref(bad, w, b, 1e-6)
+        out = tf.layer_norm(bad, w, b, 1e-6)
+        assert torch.isnan(out[:2]).all() and torch.isnan(ref[:2]).all()
+        check("layer_norm", out[2:], ref[2:], _ln_scale(bad[2:], w, b, 1e-6))
 
 
 # -- rotary ---------------------------------------------------------------------------------------
@@ -290,6 +407,12 @@ cases = [
     (tf._act_kernel, [b, b, i, i, i], dict(ACT="quick_gelu", BLOCK=1024), {}),
     (tf._gated_kernel, [b, b, b, i, i, i, i], dict(ACT="silu", BLOCK=1024), {}),
     (tf._rms_norm_kernel, [b] * 5 + [i] * 5 + ["fp32"], dict(HAS_RESIDUAL=True, BLOCK=8192), dict(num_warps=8)),
+    (tf._layer_norm_kernel, [b] * 6 + [i] * 6 + ["fp32"],
+     dict(HAS_RESIDUAL=True, HAS_BIAS=True, BLOCK_M=1, BLOCK_N=2048), dict(num_warps=4)),
+    (tf._layer_norm_kernel, [b] * 6 + [i] * 6 + ["fp32"],
+     dict(HAS_RESIDUAL=True, HAS_BIAS=True, BLOCK_M=1, BLOCK_N=8192), dict(num_warps=8)),
+    (tf._layer_norm_kernel, [b] * 6 + [i] * 6 + ["fp32"],
+     dict(HAS_RESIDUAL=False, HAS_BIAS=False, BLOCK_M=8, BLOCK_N=128), dict(num_warps=4)),
     (tf._rotary_kernel, [b] * 4 + [i] * 7, dict(HALF=40, BLOCK_H=32, BLOCK_HALF=64), dict(enable_fp_fusion=False)),
     (tf._vision_rotary_kernel, [b, f, f, b] + [i] * 7, dict(HALF=40, BLOCK_R=32, BLOCK_HALF=64),
      dict(enable_fp_fusion=False)),
@@ -299,7 +422,19 @@ for fn, types, const, opts in cases:
     sig = dict(zip(names, types)) | {k: "constexpr" for k in const}
     out = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32), options=opts)
     assert out.asm.get("cubin"), fn.fn.__name__
-print("compiled", len(cases))
+
+# LayerNorm at Qwen2-VL's vision width, specialised as a launch on contiguous 1280-wide rows is
+# (16-byte aligned pointers, n_cols and row strides divisible by 16): 16-byte vector loads/stores
+fn = tf._layer_norm_kernel
+const = dict(HAS_RESIDUAL=True, HAS_BIAS=True, BLOCK_M=1, BLOCK_N=2048)
+names = [n for n in fn.arg_names if n not in const]
+sig = dict(zip(names, [b] * 6 + [i] * 6 + ["fp32"])) | {k: "constexpr" for k in const}
+attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in names if n not in ("n_rows", "eps")}
+out = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                     options=dict(num_warps=4))
+ptx = out.asm["ptx"]
+assert "ld.global.v4" in ptx and "st.global.v4" in ptx and "ld.global.b16" not in ptx, "layer norm: scalar accesses"
+print("compiled", len(cases) + 1)
 """
 
 

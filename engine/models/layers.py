@@ -34,6 +34,23 @@ class RMSNorm(nn.Module):
         return fused_ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
 
 
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters, so checkpoints load as they are) that also takes the
+    residual add, as ``RMSNorm`` does: ``normed, residual = norm(x, residual)``."""
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """LayerNorm of x; with ``residual``, of ``x + residual``, returned with that sum."""
+        # x, residual: [..., hidden]
+        if residual is None:
+            return super().forward(x)
+        if len(self.normalized_shape) != 1:  # the fused op normalises the last dim only
+            residual = x + residual
+            return super().forward(residual), residual
+        return fused_ops.fused_add_layer_norm(x, residual, self.weight, self.bias, self.eps)
+
+
 class MergedLinear(nn.Linear):
     """Several HF projections stored as one matmul (q/k/v, or gate/up); loads each shard by index."""
 

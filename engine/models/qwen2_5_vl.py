@@ -166,10 +166,26 @@ class Qwen2_5_VisionBlock(nn.Module):
         self.attn = Qwen2_5_VisionAttention(dim, config.num_heads)
         self.mlp = Qwen2_5_VisionMLP(dim, config.intermediate_size, config.hidden_act)
 
-    def forward(self, x, cos, sin, groups):
-        h = self.attn(self.norm1(x), cos, sin, groups)
-        h, x = self.norm2(h, x)  # x = x + attn; h = norm2(x): the add fused into the norm
-        return x + self.mlp(h)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        groups: Sequence[torch.Tensor],
+        residual: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residual-carrying form, as Qwen2-VL's ``VisionBlock``: x: [P, dim] (the block's input
+        when ``residual`` is None, else the previous block's MLP output) -> (mlp output, residual
+        stream); each add is fused into the next RMSNorm. Same values as
+        ``x = x + attn(norm1(x)); x = x + mlp(norm2(x))`` on the torch path."""
+        if residual is None:
+            residual = x
+            h = self.norm1(x)
+        else:
+            h, residual = self.norm1(x, residual)
+        h = self.attn(h, cos, sin, groups)
+        h, residual = self.norm2(h, residual)
+        return self.mlp(h), residual
 
 
 class Qwen2_5_PatchMerger(PatchMerger):
@@ -219,9 +235,11 @@ class Qwen2_5_VisionTransformer(VisionTowerBase):
         # Frames stay contiguous under the permutation (windows never cross a frame).
         full_groups = _segment_groups([h * w for t, h, w in grid for _ in range(t)], device)
         window_groups = _segment_groups(window_lens, device)
+        residual = None  # carried apart from the blocks' outputs: see Qwen2_5_VisionBlock.forward
         for i, blk in enumerate(self.blocks):
-            x = blk(x, cos, sin, full_groups if i in self.fullatt_block_indexes else window_groups)
-        merged = self.merger(x)  # [P / m^2, out], permuted order
+            groups = full_groups if i in self.fullatt_block_indexes else window_groups
+            x, residual = blk(x, cos, sin, groups, residual)
+        merged = self.merger(x, residual)  # [P / m^2, out], permuted order; ln_q adds the last output
         out = torch.empty_like(merged)
         out[window_index] = merged
         return out

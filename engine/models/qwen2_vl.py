@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.models.layers import (
+    LayerNorm,
     _apply_rotary,
     _apply_rotary_signed,
     _rope_inv_freq,
@@ -138,14 +139,35 @@ class VisionBlock(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
         dim = config.embed_dim
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = LayerNorm(dim, eps=1e-6)
+        self.norm2 = LayerNorm(dim, eps=1e-6)
         self.attn = VisionAttention(dim, config.num_heads)
         self.mlp = VisionMLP(dim, int(dim * config.mlp_ratio), config.hidden_act)
 
-    def forward(self, x, cos, sin, runs):
-        x = x + self.attn(self.norm1(x), cos, sin, runs)
-        return x + self.mlp(self.norm2(x))
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        runs: Sequence[tuple[int, int, int, int]],
+        residual: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pre-LN block in vLLM's residual-carrying form: returns (mlp output, residual stream)
+        whose sum is the block's output; the next block's norm1 (or the merger's ln_q) adds them
+        in the same pass as its LayerNorm (one fused kernel on CUDA in fp16 / bf16).
+
+        x: [P, dim], the block's input when ``residual`` is None (first block), else the previous
+        block's MLP output with ``residual`` the stream before it. Same values, op for op, as
+        ``x = x + attn(norm1(x)); x = x + mlp(norm2(x))`` on the torch path.
+        """
+        if residual is None:
+            residual = x
+            h = self.norm1(x)
+        else:
+            h, residual = self.norm1(x, residual)
+        h = self.attn(h, cos, sin, runs)
+        h, residual = self.norm2(h, residual)
+        return self.mlp(h), residual
 
 
 def _frame_runs(grid: Sequence[Sequence[int]]) -> list[tuple[int, int, int, int]]:
@@ -172,11 +194,14 @@ class PatchMerger(nn.Module):
     def __init__(self, dim: int, context_dim: int, merge: int) -> None:
         super().__init__()
         self.hidden = context_dim * merge * merge
-        self.ln_q = nn.LayerNorm(context_dim, eps=1e-6)
+        self.ln_q = LayerNorm(context_dim, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(self.hidden, self.hidden), nn.GELU(), nn.Linear(self.hidden, dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.ln_q(x).view(-1, self.hidden))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [P, context_dim] (with ``residual``: the last block's MLP output, ``x + residual``
+        being the tower's output, added in ``ln_q``'s pass) -> [P / m^2, dim]."""
+        h = self.ln_q(x) if residual is None else self.ln_q(x, residual)[0]
+        return self.mlp(h.view(-1, self.hidden))
 
 
 class VisionTowerBase(nn.Module):
@@ -225,9 +250,10 @@ class Qwen2VisionTransformer(VisionTowerBase):
         cos, sin = self.rotary(grid, x.device)
         sin = _sign_sin(sin)  # cos, sin: [P, head_dim] fp32; signed once for all blocks
         runs = _frame_runs(grid)
+        residual = None  # blocks carry the residual stream apart: see VisionBlock.forward
         for blk in self.blocks:
-            x = blk(x, cos, sin, runs)
-        return self.merger(x)
+            x, residual = blk(x, cos, sin, runs, residual)
+        return self.merger(x, residual)  # ln_q adds the last block's output to the stream
 
 
 def num_mm_tokens(grid_thw: torch.Tensor | Sequence[Sequence[int]], spatial_merge_size: int) -> list[int]:
