@@ -108,7 +108,7 @@ class Sampler:
                 min_cols.extend(stops)
         if not pen_rows and not min_rows:
             return logits
-        logits = logits.clone()
+        # In place: the logits are this step's own (raw logprobs, if asked for, are taken already).
         dev = logits.device
         if pen_rows:
             self._penalise(logits, [reqs[r] for r in pen_rows], pen_rows)
