@@ -101,3 +101,12 @@ def get_platform(device: str = "auto") -> Platform:
     if kind == "mlu" and not _mlu_available():
         raise ValueError("device: 'mlu' requested but torch_mlu is not importable or no MLU is visible")
     return Platform(type=kind, dist_backend=_DIST_BACKEND[kind], index=index)
+
+
+def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without blocking the host: on CUDA through pinned memory and a
+    non-blocking copy. (A copy from pageable memory makes the host wait until the device has
+    finished everything queued before it: a stall in the middle of launching a step.)"""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from engine.device import to_device_async
+
 _DEVICE_PREPROCESSORS: dict[str, tuple[str, str]] = {
     "Qwen2VLForConditionalGeneration": ("engine.mm_processors.qwen2_vl_pixels", "Qwen2VLDevicePreprocessor"),
     "Qwen2_5_VLForConditionalGeneration": ("engine.mm_processors.qwen2_vl_pixels", "Qwen2VLDevicePreprocessor"),
@@ -35,7 +37,7 @@ class DevicePreprocessor:
 
     def prepare(self, modality: str, items: Sequence[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         """One input dict per item (same order) with its tensors on the device."""
-        return [{k: v.to(self.device) for k, v in d.items()} for d in items]
+        return [{k: to_device_async(v, self.device) for k, v in d.items()} for d in items]
 
 
 def get_device_preprocessor(config: Any, device: torch.device) -> DevicePreprocessor:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from engine.config import EngineConfig
+from engine.device import to_device_async
 from engine.encoder_cache import EncoderCache
 from engine.loader import load_model
 from engine.mm_device_preprocessor import get_device_preprocessor
@@ -313,7 +314,7 @@ class ModelRunner:
         rows = [index[r.request_id] for r in reqs]
         if rows == list(range(len(rows))):
             return prev.token_ids[: len(rows)]
-        idx = torch.tensor(rows, dtype=torch.long).to(prev.token_ids.device, non_blocking=True)
+        idx = to_device_async(torch.tensor(rows, dtype=torch.long), prev.token_ids.device)
         return prev.token_ids.index_select(0, idx)
 
     def prepare(self, out: SchedulerOutput, prev: StepHandle | None = None) -> ForwardBatch:
@@ -356,10 +357,10 @@ class ModelRunner:
             table[i, : len(t)] = t
         dev = self.device
         meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
-            block_tables=torch.from_numpy(table).to(dev),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            slot_mapping=to_device_async(torch.from_numpy(np.concatenate(slots)), dev),
+            block_tables=to_device_async(torch.from_numpy(table), dev),
+            query_start_loc=to_device_async(torch.tensor(qsl, dtype=torch.int32), dev),
+            seq_lens=to_device_async(torch.tensor(seq_lens, dtype=torch.int32), dev),
             max_query_len=max(n for _, n in out.scheduled),
             max_seq_len=max(seq_lens),
             block_size=bs,
@@ -367,10 +368,10 @@ class ModelRunner:
             seq_lens_cpu=seq_lens,
         )
         return ForwardBatch(
-            input_ids=torch.from_numpy(np.concatenate(ids)).to(dev),
-            positions=torch.from_numpy(np.concatenate(pos, axis=-1)).to(dev),
+            input_ids=to_device_async(torch.from_numpy(np.concatenate(ids)), dev),
+            positions=to_device_async(torch.from_numpy(np.concatenate(pos, axis=-1)), dev),
             attn=meta,
-            logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=dev),
+            logits_indices=to_device_async(torch.tensor(logits_rows, dtype=torch.long), dev),
             sample_reqs=sample_reqs,
             prompt_rows=prompt_rows,
             mm_slices=mm_slices,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.device import to_device_async
 from engine.request import Request
 
 # One (token_id, logprob, rank) triple; rank is 1 for the most likely token.
@@ -41,10 +42,7 @@ def topk_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> li
 def _h2d(data, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
     """A host list -> tensor on ``device`` without a host sync: from pinned memory, asynchronously
     (a copy from pageable memory would wait for the work queued before it: the whole forward)."""
-    t = torch.tensor(data, dtype=dtype)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    return to_device_async(torch.tensor(data, dtype=dtype), device)
 
 
 class Sampler:
@@ -115,7 +113,9 @@ class Sampler:
         if min_rows:
             # One scatter of -inf at every (row, stop id) pair of the rows still below min_tokens.
             idx = _h2d([min_rows, min_cols], torch.long, dev)
-            logits[idx[0], idx[1]] = float("-inf")
+            # the fill value made on the device: a Python scalar would be copied from pageable
+            # memory, a host sync that would wait for the whole forward
+            logits.index_put_((idx[0], idx[1]), torch.full((), float("-inf"), device=dev))
         return logits
 
     @staticmethod
@@ -130,7 +130,7 @@ class Sampler:
         for i, o in enumerate(outs):
             if o:
                 pad[i, : len(o)] = torch.as_tensor(o, dtype=torch.long)
-        pad = (pad.pin_memory() if dev.type == "cuda" else pad).to(dev, non_blocking=True)
+        pad = to_device_async(pad, dev)
         counts = torch.zeros((m, vocab + 1), dtype=logits.dtype, device=dev)
         counts.scatter_add_(1, pad, torch.ones(pad.shape, dtype=logits.dtype, device=dev))
         counts = counts[:, :vocab]
@@ -146,7 +146,7 @@ class Sampler:
                 if t:
                     ppad[i, : len(t)] = torch.as_tensor(t, dtype=torch.long)
             seen = torch.zeros((m, vocab + 1), dtype=torch.bool, device=dev)
-            seen.scatter_(1, (ppad.pin_memory() if dev.type == "cuda" else ppad).to(dev, non_blocking=True), True)
+            seen.scatter_(1, to_device_async(ppad, dev), True)
             seen = seen[:, :vocab] | (counts > 0)
             rp_vals = {ps[i].repetition_penalty for i in rep_rows}
             if len(rp_vals) == 1:
