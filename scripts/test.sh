@@ -11,5 +11,12 @@ if ! command -v promtool >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 &
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) \
     >/dev/null 2>&1 || echo "scripts/test.sh: could not install promtool; its check will skip" >&2
 fi
+# Triton's interpreter runs the fused-kernel tests on CPU (tests/test_fused_kernels.py and
+# tests/test_fused_dispatch.py; they skip without triton). A CUDA torch brings its own triton.
+if ! python -c "import triton" >/dev/null 2>&1 \
+    && python -c "import sys, torch; sys.exit(torch.version.cuda is not None)" >/dev/null 2>&1; then
+  python -m pip install -q "triton==3.6.0" >/dev/null 2>&1 \
+    || echo "scripts/test.sh: could not install triton; the fused-kernel tests will skip" >&2
+fi
 cd "$VLMSERVE_ROOT"
 exec python -m pytest -q "$@"
