@@ -131,7 +131,7 @@ def build_qwen2_vl(out_dir: Path, args: argparse.Namespace) -> Path:
     config.dtype = torch.float32
     torch.manual_seed(args.seed)
     model = transformers.Qwen2VLForConditionalGeneration(config).to(torch.float32)
-    tiny_vlm._reinit_(model, args.seed)
+    tiny_vlm.reinit_weights_(model, args.seed, norm_std=0.1, fan_in_names=("visual",))  # as tiny_vlm builds it
     model.eval().save_pretrained(out_dir)
 
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
