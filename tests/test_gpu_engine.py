@@ -87,6 +87,9 @@ def test_qwen2_vl_image_on_cuda_equals_hf(tmp_path_factory):
                         pixel_values=o["pixel_values"], image_grid_thw=o["image_grid_thw"], mm_token_type_ids=mm)
     assert out.outputs[0].token_ids == g[0, len(ids):].tolist()
     assert used
+    # the one-image vision pass was captured as a CUDA graph (and replayed: the output above)
+    vis = runner.model.visual_runner
+    assert vis is not None and vis.graphs and all(entry is not None for entry in vis.graphs.values())
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama_gqa", "tiny_qwen2"])
