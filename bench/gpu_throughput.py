@@ -451,20 +451,6 @@ class Timers:
         self._patched.clear()
 
 
-class _CallableProxy:
-    """Stands in for ``runner.sampler`` (called through its type's ``__call__``): calls ``fn``,
-    and forwards every attribute to the real sampler."""
-
-    def __init__(self, target: Any, fn) -> None:
-        self._target, self._fn = target, fn
-
-    def __call__(self, *args, **kwargs):
-        return self._fn(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._target, name)
-
-
 def run_breakdown(llm: LLM, reqs: list[dict], out_len: int, device: torch.device) -> dict:
     """Synchronised timers around the parts of a run; async scheduling is off meanwhile (a timer
     that waits for the GPU would serialise it anyway)."""

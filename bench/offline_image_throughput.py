@@ -80,6 +80,7 @@ for _p in (REPO_ROOT, REPO_ROOT / "tests"):  # runnable as a plain script from a
         sys.path.insert(0, str(_p))
 
 import tiny_vlm  # tests/tiny_vlm.py: tokenizer, weight init, images, image processor
+from offline_throughput import agreement  # bench/ (this script's folder is on sys.path)
 
 from engine import LLM, SamplingParams
 
@@ -227,18 +228,6 @@ def cpu_pressure() -> str | None:
         return Path("/proc/pressure/cpu").read_text().splitlines()[0]
     except (OSError, IndexError):
         return None
-
-
-def agreement(a: list[list[int]], b: list[list[int]]) -> float:
-    """Fraction of positions where two greedy outputs agree, up to each pair's first divergence."""
-    same = total = 0
-    for x, y in zip(a, b):
-        total += len(x)
-        for s, t in zip(x, y):
-            if s != t:
-                break
-            same += 1
-    return same / total if total else 1.0
 
 
 def exact(a: list[list[int]], b: list[list[int]]) -> float:

@@ -72,15 +72,12 @@ class LLM:
                 )
         if self.config.model.is_pooling:
             raise ValueError("generate: this engine serves embeddings (task='embed'); use embed()")
-        for sp in params_list:  # cheap checks first: a wrong type fails before any work
-            if not isinstance(sp, SamplingParams):
-                raise ValueError(f"sampling_params: expected SamplingParams, got {type(sp).__name__}")
         # Prompts are processed (tokens, images) and queued while the engine runs: the first few
         # before the first step, the rest while the device computes (see _Feeder). A bad prompt
         # aborts everything this call queued, then raises.
         feeder = _Feeder(self, zip(prompt_list, params_list), len(prompt_list))
         feeder.feed(self.FIRST_FEED)
-        feeder.raise_if_failed(self, feeder.order)
+        feeder.raise_if_failed()
         return self._run(feeder.order, use_tqdm and not single, feeder)
 
     def embed(
@@ -174,27 +171,24 @@ class LLM:
 
             bar = tqdm(total=feeder.total if feeder is not None else len(order), desc="Processed prompts",
                        dynamic_ncols=True)
-        while self.core.has_unfinished() or (feeder is not None and feeder.pending):
-            if feeder is not None and feeder.pending and not self.core.has_unfinished():
-                feeder.feed(self.FIRST_FEED)  # nothing to overlap with: feed now
-            outputs = self.core.step(idle=feeder.idle if feeder is not None and feeder.pending else None)
-            if feeder is not None and feeder.error is not None:
-                self._abort_all(order)
-                if bar is not None:
-                    bar.close()
-                raise feeder.error
-            ready, to_abort = self.output_processor.process(outputs)
-            if to_abort:
-                self.core.abort_requests(to_abort)
-            for out in ready:
-                if out.finished:
-                    results[out.request_id] = out
-                    if bar is not None:
-                        bar.update(1)
-        if bar is not None:
-            bar.close()
-        if feeder is not None:
-            feeder.raise_if_failed(self, order)
+        try:
+            while self.core.has_unfinished() or (feeder is not None and feeder.pending):
+                if feeder is not None and feeder.pending and not self.core.has_unfinished():
+                    feeder.feed(self.FIRST_FEED)  # nothing to overlap with: feed now
+                outputs = self.core.step(idle=feeder.idle if feeder is not None and feeder.pending else None)
+                if feeder is not None:
+                    feeder.raise_if_failed()
+                ready, to_abort = self.output_processor.process(outputs)
+                if to_abort:
+                    self.core.abort_requests(to_abort)
+                for out in ready:
+                    if out.finished:
+                        results[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
         errors = [r for r in results.values() if isinstance(r, RequestError)]
         if errors:
             raise EngineOutputError(f"request {errors[0].request_id}: {errors[0].message}")
@@ -242,7 +236,8 @@ class _Feeder:
         if self.pending and len(sched.waiting) < sched.config.max_num_seqs:
             self.feed(self.PER_IDLE)
 
-    def raise_if_failed(self, llm: LLM, order: list[str]) -> None:
+    def raise_if_failed(self) -> None:
+        """After a processing error: abort what this call queued, then raise the error."""
         if self.error is not None:
-            llm._abort_all(order)
+            self.llm._abort_all(self.order)
             raise self.error

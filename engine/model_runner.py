@@ -448,19 +448,18 @@ class ModelRunner:
         """Prepare and enqueue one step on the device, sampling included, without waiting for it.
         ``prev``: the in-flight step this one continues (its sampled tokens are the inputs)."""
         batch = self.prepare(out, prev)
-        if batch.mm_slices:
-            embeds = self._merge_multimodal(batch)
-            if self.prefill_graphs is not None and self.prefill_graphs.can_run(embeds.shape[0], batch.attn):
-                hidden = self.prefill_graphs.run(embeds, batch.positions, batch.attn)
-            else:
-                hidden = self.model(None, batch.positions, self.kv_caches, batch.attn, inputs_embeds=embeds)
-        elif self.cuda_graphs is not None and self.cuda_graphs.can_run(batch.attn.num_seqs, batch.attn):
+        num_tokens = batch.positions.shape[-1]
+        # embeds: [N, hidden] with image rows merged, or None (the model embeds the ids itself)
+        embeds = self._merge_multimodal(batch) if batch.mm_slices else None
+        if embeds is None and self.cuda_graphs is not None and self.cuda_graphs.can_run(batch.attn.num_seqs, batch.attn):
             hidden = self.cuda_graphs.run(batch.input_ids, batch.positions, batch.attn)  # [N, hidden]
-        elif self.prefill_graphs is not None and self.prefill_graphs.can_run(batch.input_ids.shape[0], batch.attn):
-            embeds = self.model.get_input_embeddings(batch.input_ids)
+        elif self.prefill_graphs is not None and self.prefill_graphs.can_run(num_tokens, batch.attn):
+            if embeds is None:
+                embeds = self.model.get_input_embeddings(batch.input_ids)
             hidden = self.prefill_graphs.run(embeds, batch.positions, batch.attn)
         else:
-            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn)  # [N, hidden]
+            ids = batch.input_ids if embeds is None else None
+            hidden = self.model(ids, batch.positions, self.kv_caches, batch.attn, inputs_embeds=embeds)  # [N, hidden]
         for req, row0, rows in batch.prompt_rows:
             self._score_prompt(req, hidden[row0 : row0 + rows], req.num_computed_tokens)
         pooled = self._pool(batch.pool_rows, hidden) if batch.pool_rows else {}

@@ -41,10 +41,11 @@ def _feed(h: Any, obj: Any) -> None:
     if isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous()
         h.update(f"tensor{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # hashed from the buffers themselves (no bytes copy: images are hundreds of KB)
+        h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
     elif isinstance(obj, np.ndarray):
         h.update(f"ndarray{obj.shape}{obj.dtype}".encode())
-        h.update(np.ascontiguousarray(obj).tobytes())
+        h.update(np.ascontiguousarray(obj).data)
     elif isinstance(obj, dict):
         for key in sorted(obj):
             h.update(str(key).encode())

@@ -25,7 +25,8 @@ from engine import EngineArgs
 from engine.mm_device_preprocessor import DevicePreprocessor, get_device_preprocessor
 from engine.mm_processor import get_mm_processor
 from engine.mm_processors.qwen2_vl_pixels import QwenPixelSpec, pack_images
-from engine.mm_processors.qwen2_vl_resize import QwenResizeSpec, hash_u8, image_to_u8
+from engine.mm_processors.qwen2_vl_resize import QwenResizeSpec, image_to_u8
+from engine.multimodal import hash_item
 
 ATOL = 1e-5
 MAX_DIFFS: list[float] = []  # max |ours - HF| per comparison (printed with -s)
@@ -223,7 +224,7 @@ def test_content_hash(vlm_dir):
     _, _, h4 = front._image_feature(0, _rgb(150, 100, 40))
     assert h1 == h2 and len({h1, h3, h4}) == 3
     pixels = _noise(28, 56, 42)
-    assert hash_u8(pixels) != hash_u8(pixels.reshape(56, 28, 3))  # same bytes, other shape
+    assert hash_item(pixels) != hash_item(pixels.reshape(56, 28, 3))  # same bytes, other shape
 
 
 def test_errors(vlm_dir):

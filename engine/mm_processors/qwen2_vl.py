@@ -33,7 +33,7 @@ from engine.mm_processor import (
     _is_pil,
     expand_placeholders,
 )
-from engine.mm_processors.qwen2_vl_resize import QwenResizeSpec, hash_u8, image_to_u8
+from engine.mm_processors.qwen2_vl_resize import QwenResizeSpec, image_to_u8
 from engine.mm_processors.qwen_video import (
     DEFAULT_FPS,
     DEFAULT_MAX_FRAMES,
@@ -221,7 +221,7 @@ class Qwen2VLProcessor(MultiModalProcessor):
             pixels = image_to_u8(image, self.resize_spec)
         except Exception as exc:  # corrupt or truncated image data surfaces here
             raise ValueError(f"multi_modal_data: image {index} could not be processed: {exc}") from exc
-        return torch.from_numpy(pixels), hash_u8(pixels)
+        return torch.from_numpy(pixels), hash_item(pixels)  # the exact input of its vision pass
 
     def _video_feature(
         self, index: int, item: Any, max_tokens: int | None

@@ -19,7 +19,6 @@ Bit-exact with HF's PIL path (transformers 5.x ``PilBackend`` / ``image_transfor
 from __future__ import annotations
 
 import functools
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -139,11 +138,3 @@ def image_to_u8(image: Any, spec: QwenResizeSpec) -> np.ndarray:
     if pixels.dtype != np.uint8 or pixels.shape != (th, tw, 3):
         raise ValueError(f"expected RGB uint8 pixels of shape {(th, tw, 3)}, got {pixels.shape} {pixels.dtype}")
     return pixels
-
-
-def hash_u8(pixels: np.ndarray) -> str:
-    """Content hash of an image's resized RGB pixels (the exact input of its vision-tower pass):
-    sha256 over the shape, dtype and the array's own buffer (no bytes copy)."""
-    h = hashlib.sha256(f"qwen2_vl.image_u8{pixels.shape}{pixels.dtype}".encode())
-    h.update(np.ascontiguousarray(pixels).data)
-    return h.hexdigest()
