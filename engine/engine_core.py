@@ -100,8 +100,8 @@ class EngineCore:
     def step(self, idle: Callable[[], None] | None = None) -> list[EngineCoreOutput]:
         """Run one step and return what it produced.
 
-        With async scheduling, a decode step's successor is scheduled and launched before the step's
-        own tokens are read back, so the host's scheduling, input preparation and output handling
+        With async scheduling, a step's successor is scheduled and launched before the step's own
+        tokens are read back (see ``Scheduler.schedule_next``), so the host's scheduling, input preparation and output handling
         overlap the device; the successor is collected by the next call. ``idle`` runs on the host
         while the device computes (before this step's tokens are waited for): e.g. the offline
         front end processing more prompts."""
@@ -115,7 +115,7 @@ class EngineCore:
             if sched_out.is_empty:
                 return outputs
             handle = self.runner.launch(sched_out)
-        if self.async_scheduling and handle.token_ids is not None:
+        if self.async_scheduling:
             nxt = self.scheduler.schedule_next(sched_out)
             if nxt is not None:
                 self._inflight = (nxt, self.runner.launch(nxt, prev=handle))

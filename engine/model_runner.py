@@ -213,12 +213,13 @@ class ModelRunner:
         if getattr(self, "_row_lists", None) is not None:
             self._row_lists = [None] * len(self._row_lists)
 
-    def _decode_only(self, out: SchedulerOutput) -> bool:
-        """Every scheduled request computes exactly its one newest (generated) token and samples."""
+    def _decode_only(self, out: SchedulerOutput, chained: bool) -> bool:
+        """Every scheduled request computes exactly its one newest (generated) token and samples;
+        ``chained``: every one of them takes that token from the in-flight step."""
         if getattr(self, "_row_lists", None) is None or len(out.scheduled) > len(self._row_lists):
             return False
         for req, n in out.scheduled:
-            if n != 1 or req.num_computed_tokens + 1 != len(req.all_token_ids) \
+            if n != 1 or req.num_computed_tokens + 1 != len(req.all_token_ids) or req.num_pending_tokens != chained \
                     or req.num_computed_tokens + req.num_pending_tokens < len(req.prompt_token_ids) \
                     or req.pooling_params is not None:
                 return False
@@ -318,22 +319,32 @@ class ModelRunner:
         return prev.token_ids.index_select(0, idx)
 
     def prepare(self, out: SchedulerOutput, prev: StepHandle | None = None) -> ForwardBatch:
-        if self._decode_only(out):
+        if self._decode_only(out, prev is not None):
             return self._prepare_decode(out, prev)
-        assert prev is None, "only decode-only steps are chained"
         self._invalidate_rows()
-        return self._prepare_general(out)
+        return self._prepare_general(out, prev)
 
     # -- one step -------------------------------------------------------------------------------
-    def _prepare_general(self, out: SchedulerOutput) -> ForwardBatch:
+    def _prepare_general(self, out: SchedulerOutput, prev: StepHandle | None = None) -> ForwardBatch:
+        """Any mix of prompt chunks and decodes. ``prev``: the in-flight step this one follows
+        (async scheduling): each request starts ``num_inflight_tokens`` past its computed count,
+        and a request whose newest token ``prev`` samples takes that token from the device."""
         bs = self.block_size
         ids, pos, slots, qsl, seq_lens, tables = [], [], [], [0], [], []
         logits_rows, sample_reqs, prompt_rows, mm_slices, pool_rows = [], [], [], [], []
+        chained_rows: list[int] = []  # batch rows whose input id is prev's sampled token
+        chained_reqs: list[Request] = []
         for req, n in out.scheduled:
-            start = req.num_computed_tokens
+            start = req.num_computed_tokens + req.num_inflight_tokens
             p = np.arange(start, start + n)
             blocks = np.asarray(req.block_ids, dtype=np.int64)
-            ids.append(np.asarray(req.all_token_ids[start : start + n], dtype=np.int64))
+            known = req.all_token_ids[start : start + n]
+            if len(known) < n:  # the last input is the token prev samples: filled in on the device
+                assert prev is not None and len(known) == n - 1 and req.num_pending_tokens == 1
+                chained_rows.append(qsl[-1] + n - 1)
+                chained_reqs.append(req)
+                known = known + [0]
+            ids.append(np.asarray(known, dtype=np.int64))
             pos.append(self._mrope_positions(req, p) if self.uses_mrope else p)
             slots.append(blocks[p // bs] * bs + p % bs)
             row0 = qsl[-1]
@@ -348,7 +359,7 @@ class ModelRunner:
                 prompt_rows.append((req, row0, min(n, req.num_prompt_tokens - 1 - start)))
             if req.is_pooling:
                 pool_rows.append((req, row0, n))
-            elif start + n == req.num_tokens:
+            elif start + n == req.num_tokens + req.num_pending_tokens:
                 logits_rows.append(row0 + n - 1)
                 sample_reqs.append(req)
         max_blocks = max(len(t) for t in tables)
@@ -367,8 +378,12 @@ class ModelRunner:
             query_start_loc_cpu=qsl,
             seq_lens_cpu=seq_lens,
         )
+        input_ids = to_device_async(torch.from_numpy(np.concatenate(ids)), dev)
+        if chained_reqs:
+            rows = to_device_async(torch.tensor(chained_rows, dtype=torch.long), dev)
+            input_ids.index_copy_(0, rows, self._chained_ids(chained_reqs, prev))
         return ForwardBatch(
-            input_ids=to_device_async(torch.from_numpy(np.concatenate(ids)), dev),
+            input_ids=input_ids,
             positions=to_device_async(torch.from_numpy(np.concatenate(pos, axis=-1)), dev),
             attn=meta,
             logits_indices=to_device_async(torch.tensor(logits_rows, dtype=torch.long), dev),

@@ -73,6 +73,9 @@ class Request:
         # num_computed_tokens lags by the same amount: the step after the in-flight one computes
         # position num_computed_tokens + num_pending_tokens.
         self.num_pending_tokens = 0
+        # Tokens a step still in flight computes for this request (async scheduling): the step
+        # scheduled after it starts at position num_computed_tokens + num_inflight_tokens.
+        self.num_inflight_tokens = 0
         self.block_ids: list[int] = []
         self.block_hashes: list[bytes] = []  # hashes of full blocks, filled by the block manager
         self.num_cached_tokens = 0  # prefix-cache hit length at first schedule

@@ -83,7 +83,17 @@ class Scheduler:
             break  # req itself was preempted: nothing newer is left to run
 
         # 2. Waiting requests (preempted ones first), while budget, slots and blocks last.
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
+        if not preempted:
+            budget = self._admit(scheduled, budget)
+
+        total = self.config.max_num_batched_tokens - budget
+        return SchedulerOutput(scheduled=scheduled, num_batched_tokens=total, preempted=preempted)
+
+    def _admit(self, scheduled: list[tuple[Request, int]], budget: int) -> int:
+        """Move waiting requests (preempted ones first) to running while budget, sequence slots
+        and KV blocks last; appends them to ``scheduled`` and returns the budget left."""
+        bm = self.block_manager
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             computed = bm.get_computed_blocks(req) if req.num_computed_tokens == 0 else []
             num_new = req.num_tokens - req.num_computed_tokens - len(computed) * bm.block_size
@@ -102,55 +112,68 @@ class Scheduler:
             self.running.append(req)
             scheduled.append((req, num_new))
             budget -= num_new
-
-        total = self.config.max_num_batched_tokens - budget
-        return SchedulerOutput(scheduled=scheduled, num_batched_tokens=total, preempted=preempted)
+        return budget
 
     def schedule_next(self, prev: SchedulerOutput) -> SchedulerOutput | None:
         """The step after ``prev``, scheduled before ``prev``'s sampled tokens are known (async
         scheduling), or None when it cannot be.
 
-        Only a pure continuation of a decode step qualifies: every request of ``prev`` computes its
-        one newest token and all running requests are in it, nothing waiting could be admitted,
-        and each continuing request just computes the token ``prev`` samples for it (one token, ``num_pending_tokens`` = 1).
-        Requests certain to finish with that token (max_tokens, max_model_len) are left out; ones
-        that turn out to stop on it (EOS, stop ids) are computed once in vain and dropped when
-        their output arrives. Requests whose sampling reads their output tokens on the host
-        (penalties) or whose logprobs need a host sync are never chained. No preemption: if a
-        block is missing, the caller falls back to a synchronous ``schedule()``.
+        Every running request must be in ``prev`` and chainable (its sampling reads nothing on the
+        host that a pending token would change, and needs no host sync). Each continues where
+        ``prev`` leaves it: a prompt cut by ``prev`` gets its next chunk (ids known on the host), a
+        request ``prev`` samples for computes that token (its id stays on the device: the runner
+        reads it from ``prev``'s output; ``num_pending_tokens`` = 1). Requests certain to finish
+        with ``prev``'s token (max_tokens, max_model_len) are left out; ones that turn out to stop
+        on it (EOS, stop ids) are computed once in vain and dropped when their output arrives.
+        Waiting requests are then admitted with the budget left. ``num_inflight_tokens`` records
+        each continuing request's tokens in ``prev`` (its computed count lags by that much until
+        ``prev``'s output is processed). No preemption: if blocks are short, the caller falls back
+        to a synchronous ``schedule()`` once ``prev`` is done.
         """
         if not prev.scheduled or len(prev.scheduled) != len(self.running) or prev.preempted:
             return None
-        if self.waiting and len(self.running) < self.config.max_num_seqs:
-            return None
         bm = self.block_manager
         bs = bm.block_size
-        nxt: list[tuple[Request, int]] = []
-        to_allocate: list[Request] = []
-        needed = 0  # new blocks, for prev's token (its computed count is not advanced yet) and the next
+        budget = self.config.max_num_batched_tokens
+        plan: list[tuple[Request, int, int]] = []  # (request, tokens in prev, tokens next)
+        needed = 0  # fresh blocks for prev's tokens (computed counts not advanced yet) and the next
         running = RequestStatus.RUNNING
-        for req, n in prev.scheduled:
-            ntok = len(req.all_token_ids)
-            if n != 1 or req.status is not running or not req.chainable or req.num_pending_tokens \
-                    or req.num_computed_tokens + 1 != ntok:
+        for req, k in prev.scheduled:
+            if req.status is not running or not req.chainable or req.num_pending_tokens or req.num_inflight_tokens:
                 return None
-            if ntok + 1 >= req.max_model_len or (
-                    req.max_tokens is not None and len(req.output_token_ids) + 1 >= req.max_tokens):
-                continue  # finishes with prev's token
-            nxt.append((req, 1))
-            total = req.num_computed_tokens + 2
+            after = req.num_computed_tokens + k  # where the next step starts
+            ntok = len(req.all_token_ids)
+            if after < ntok:  # prompt cut by prev: its next chunk
+                n = min(ntok - after, budget)
+            elif after == ntok:  # prev samples this request's next token
+                if ntok + 1 >= req.max_model_len or (
+                        req.max_tokens is not None and len(req.output_token_ids) + 1 >= req.max_tokens):
+                    continue  # finishes with prev's token
+                n = 1
+            else:
+                return None
+            if n <= 0:
+                break  # budget spent: later requests just wait a step, as in schedule()
+            plan.append((req, k, n))
+            budget -= n
+            total = after + n
             # As schedule()'s decode fast path: a token that lands inside a block already held and
             # does not fill it needs no allocate() (no new block, no block to register).
-            if total % bs == 0 or len(req.block_ids) * bs < total:
-                to_allocate.append(req)
+            if n > 1 or total % bs == 0 or len(req.block_ids) * bs < total:
                 needed += max(0, -(-total // bs) - len(req.block_ids))
-        if not nxt or len(nxt) > self.config.max_num_batched_tokens or needed > bm.num_free_blocks:
+        if not plan or needed > bm.num_free_blocks:
             return None
-        for req in to_allocate:
-            bm.allocate(req, 2)
-        for req, _ in nxt:
-            req.num_pending_tokens = 1
-        return SchedulerOutput(scheduled=nxt, num_batched_tokens=len(nxt))
+        nxt: list[tuple[Request, int]] = []
+        for req, k, n in plan:
+            total = req.num_computed_tokens + k + n
+            if n > 1 or total % bs == 0 or len(req.block_ids) * bs < total:
+                bm.allocate(req, k + n)
+            req.num_inflight_tokens = k
+            if req.num_computed_tokens + k == len(req.all_token_ids):
+                req.num_pending_tokens = 1
+            nxt.append((req, n))
+        budget = self._admit(nxt, budget)
+        return SchedulerOutput(scheduled=nxt, num_batched_tokens=self.config.max_num_batched_tokens - budget)
 
     def _preempt(self, req: Request) -> None:
         self.block_manager.free_request(req)
@@ -170,6 +193,7 @@ class Scheduler:
             if req.status.finished:  # stopped or aborted while this (chained) step was in flight
                 continue
             req.num_computed_tokens += num_new
+            req.num_inflight_tokens = 0
             if req.is_pooling:  # like a prompt with max_tokens=0: done once the prompt is computed
                 if pooled is not None and req.request_id in pooled:
                     req.status = RequestStatus.FINISHED_STOPPED

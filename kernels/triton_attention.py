@@ -18,7 +18,9 @@ Kernels:
     tile is read once per group), so the tensor-core dot has the group (padded to 16) as its M.
     When there are too few (sequence, kv head) pairs to fill the GPU, the context is split and the
     partial results (unnormalised accumulator, running max, running sum) are merged by a second
-    kernel; with one split the first kernel writes the output directly.
+    kernel; with one split the first kernel writes the output directly. The number of splits is a
+    launch constant (so a graph captured once serves every length), but each sequence deals its
+    own key tiles out over them: a short context runs a few one-tile splits, the rest exit.
 
 No host synchronisation: grid sizes come from the metadata's host-side fields (``max_query_len``,
 ``max_seq_len``, ``num_seqs``), and everything else is read on the device.
@@ -246,7 +248,6 @@ def _decode_kernel(
     qk_scale,
     group,
     num_heads,
-    partition_size,
     num_splits,
     stride_qt,
     stride_qh,
@@ -272,8 +273,14 @@ def _decode_kernel(
     v_cache_ptr = kv_cache_ptr + stride_kv
     seq_len = tl.load(seq_lens_ptr + seq)
     row = tl.load(query_start_loc_ptr + seq).to(tl.int64)
-    kv_start = split * partition_size
-    kv_end = tl.minimum(kv_start + partition_size, seq_len)
+    # The context is dealt out in whole key tiles over the splits, sized from this sequence's own
+    # length (not the grid's): short sequences use few splits of one tile each, and a CUDA graph
+    # captured for max_model_len costs only empty programs, which the reduce never reads.
+    partition = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits) * BLOCK_N
+    kv_start = split * partition
+    if SPLIT and kv_start >= seq_len:
+        return
+    kv_end = tl.minimum(kv_start + partition, seq_len)
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -313,6 +320,7 @@ def _decode_reduce_kernel(
     part_acc_ptr,
     part_ml_ptr,
     query_start_loc_ptr,
+    seq_lens_ptr,
     num_heads,
     num_splits,
     stride_ot,
@@ -320,19 +328,23 @@ def _decode_reduce_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     row = tl.load(query_start_loc_ptr + seq).to(tl.int64)
+    # the splits _decode_kernel wrote: as many as hold at least one key
+    tiles = tl.maximum(tl.cdiv(tl.load(seq_lens_ptr + seq), BLOCK_N), 1)
+    active = tl.cdiv(tiles, tl.cdiv(tiles, num_splits))
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < num_splits
+    s_mask = offs_s < active
     base = (seq.to(tl.int64) * num_heads + head) * num_splits + offs_s  # [BLOCK_S]
     ml_stride = tl.num_programs(0).to(tl.int64) * num_heads * num_splits
     m = tl.load(part_ml_ptr + base, mask=s_mask, other=_NEG_BIG)
     l = tl.load(part_ml_ptr + ml_stride + base, mask=s_mask, other=0.0)
     m_max = tl.max(m, 0)
-    w = tl.exp2(m - m_max)  # empty splits hold m = _NEG_BIG, l = 0, acc = 0
+    w = tl.exp2(m - m_max)
     w = tl.where(s_mask, w, 0.0)
     acc = tl.load(part_acc_ptr + base[:, None] * BLOCK_D + offs_d[None, :], mask=s_mask[:, None], other=0.0)
     num = tl.sum(acc * w[:, None], 0)
@@ -366,14 +378,17 @@ class TritonBackend(AttentionBackend):
 
     name = "triton"
 
-    # decode: keys per tile (a split holds a whole number of tiles), and the most splits
+    # decode: keys per tile (a split holds a whole number of tiles), the most splits, and the
+    # launch shape (bench/decode_attention_sweep.py measures the alternatives)
     DECODE_BLOCK_N = 64
     MAX_SPLITS = 128
+    DECODE_WARPS = 4
+    DECODE_STAGES = 2
 
     def __init__(self) -> None:
         super().__init__()
-        # (num_seqs, num_kv_heads, max_seq_len, device) -> (num_splits, partition_size)
-        self._splits_cache: dict[tuple, tuple[int, int]] = {}
+        # (num_seqs, num_kv_heads, max_seq_len, device, block_n) -> num_splits
+        self._splits_cache: dict[tuple, int] = {}
 
     def kv_cache_shape(
         self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
@@ -475,24 +490,23 @@ class TritonBackend(AttentionBackend):
             num_stages=2,
         )
 
-    def num_decode_splits(self, num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> tuple[int, int]:
-        """(num_splits, partition_size): split the context only when (sequence, kv head) pairs
-        alone leave the GPU underused; each split holds a whole number of key tiles."""
-        key = (num_seqs, num_kv_heads, max_seq_len, device)
+    def num_decode_splits(self, num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device,
+                          block_n: int = DECODE_BLOCK_N) -> int:
+        """How many programs split each (sequence, kv head)'s context: only as many as the
+        (sequence, kv head) pairs alone leave the GPU underused, and no more than ``max_seq_len``
+        has key tiles. The kernel deals each sequence's own tiles out over them."""
+        key = (num_seqs, num_kv_heads, max_seq_len, device, block_n)
         hit = self._splits_cache.get(key)
         if hit is not None:
             return hit
-        block_n = self.DECODE_BLOCK_N
         tiles = triton.cdiv(max(max_seq_len, 1), block_n)
         pairs = num_seqs * num_kv_heads
         target = 2 * _num_sms(device)
         splits = 1 if pairs >= target else min(tiles, triton.cdiv(target, pairs), self.MAX_SPLITS)
-        partition = triton.cdiv(tiles, splits) * block_n
-        splits = triton.cdiv(max(max_seq_len, 1), partition)
         if len(self._splits_cache) > 4096:
             self._splits_cache.clear()
-        self._splits_cache[key] = (splits, partition)
-        return splits, partition
+        self._splits_cache[key] = splits
+        return splits
 
     def _decode(self, query, kv_cache, md: AttentionMetadata, scale: float, out: torch.Tensor) -> None:
         num_heads, head_dim, num_kv_heads, cs = self._common(query, kv_cache, md)
@@ -502,9 +516,7 @@ class TritonBackend(AttentionBackend):
         block_g = max(16, triton.next_power_of_2(group))
         block_n = self.DECODE_BLOCK_N if block_d <= 128 else 32
         fp32 = kv_cache.dtype == torch.float32
-        splits, partition = self.num_decode_splits(num_seqs, num_kv_heads, md.max_seq_len, query.device)
-        if block_n != self.DECODE_BLOCK_N:
-            partition = triton.cdiv(partition, block_n) * block_n
+        splits = self.num_decode_splits(num_seqs, num_kv_heads, md.max_seq_len, query.device, block_n)
         if splits > 1:
             # one workspace: acc [num_seqs, num_heads, splits, block_d], then (m, l) [2, num_seqs, num_heads, splits]
             n = num_seqs * num_heads * splits
@@ -516,7 +528,7 @@ class TritonBackend(AttentionBackend):
         qs, os_ = query.stride(), out.stride()
         _decode_kernel[(num_seqs, num_kv_heads, splits)](
             query, kv_cache, out, part_acc, part_ml, bt, md.query_start_loc, md.seq_lens,
-            scale * _LOG2E, group, num_heads, partition, splits,
+            scale * _LOG2E, group, num_heads, splits,
             qs[0], qs[1], os_[0], os_[1],
             cs[0], cs[1], cs[2], cs[3],
             bt.stride(0),
@@ -527,16 +539,17 @@ class TritonBackend(AttentionBackend):
             BLOCK_N=block_n,
             SPLIT=splits > 1,
             IEEE=fp32,
-            num_warps=4,
-            num_stages=2,
+            num_warps=self.DECODE_WARPS,
+            num_stages=self.DECODE_STAGES,
         )
         if splits > 1:
             _decode_reduce_kernel[(num_seqs, num_heads)](
-                out, part_acc, part_ml, md.query_start_loc, num_heads, splits,
+                out, part_acc, part_ml, md.query_start_loc, md.seq_lens, num_heads, splits,
                 os_[0], os_[1],
                 HEAD_DIM=head_dim,
                 BLOCK_D=block_d,
                 BLOCK_S=triton.next_power_of_2(splits),
+                BLOCK_N=block_n,
                 num_warps=4,
             )
 

@@ -199,3 +199,41 @@ def test_final_only_requests_report_once(tiny_qwen2):
     assert len(reports) == sum(len(o.outputs[0].token_ids) for o in loud)
     assert [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in quiet] == \
         [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in loud]
+
+
+def test_prompt_chunks_and_admissions_are_chained(tiny_qwen2):
+    """With a small token budget, prompts are cut into chunks, requests finish their prompt while
+    others decode, and waiting requests are admitted into chained steps: greedy outputs still
+    equal HF and the synchronous engine, prefix-cache hits included, and every block comes back."""
+    shared = "The quick brown fox jumps over the lazy dog " * 2
+    prompts = PROMPTS + [shared + "and runs", shared + "and sleeps", "x y z " * 9]
+    params = [SamplingParams(temperature=0, max_tokens=m) for m in (9, 3, 14, 1, 7, 11, 6, 2)]
+    results = []
+    for async_on in (True, False):
+        llm = _llm(tiny_qwen2, async_on, block_size=4, max_num_batched_tokens=8, max_num_seqs=3,
+                   enable_prefix_caching=True)
+        runner = llm.core.runner
+        orig = runner.launch
+        kinds = {"chunk": 0, "admitted": 0, "first_decode": 0}
+
+        def launch(sched_out, prev=None, orig=orig, kinds=kinds):
+            if prev is not None:
+                for req, n in sched_out.scheduled:
+                    start = req.num_computed_tokens + req.num_inflight_tokens
+                    kinds["chunk"] += n > 1 and req.num_inflight_tokens > 0
+                    kinds["admitted"] += req.num_inflight_tokens == 0
+                    kinds["first_decode"] += req.num_pending_tokens == 1 and start == req.num_prompt_tokens
+            return orig(sched_out, prev)
+
+        runner.launch = launch
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        if async_on:
+            assert all(v > 0 for v in kinds.values()), kinds
+        else:
+            assert not any(kinds.values())
+        assert_all_blocks_returned(llm)
+        results.append([o.outputs[0].token_ids for o in outs])
+    assert results[0] == results[1]
+    tok = llm.get_tokenizer()
+    for ids, p, got in zip((tok(p).input_ids for p in prompts), params, results[0]):
+        assert got == tiny_models.hf_greedy(tiny_qwen2, [ids], p.max_tokens)[0]

@@ -95,7 +95,10 @@ class Case:
         return slots_for(self.tables[i], positions, self.bs)
 
     def metadata(self):
-        return build_metadata(self.seqs, self.tables, self.bs, self.table_pad, device=DEVICE)
+        md = build_metadata(self.seqs, self.tables, self.bs, self.table_pad, device=DEVICE)
+        if getattr(self, "max_seq_len", None) is not None:
+            md.max_seq_len = self.max_seq_len  # as a CUDA graph captured for max_model_len has it
+        return md
 
     def run(self, backend):
         """An earlier step writes the cached prefixes, this step writes its tokens and attends."""
@@ -232,7 +235,22 @@ def test_decode_long_context(block_size, num_heads, num_kv_heads, head_dim, dtyp
     case = Case(long_decode_seqs(block_size), block_size, num_heads, num_kv_heads, head_dim, DTYPES[dtype], seed=seed)
     md = check(case, "decode, long contexts (split-K)")
     assert md.is_decode_only
-    splits, _ = TRITON.num_decode_splits(md.num_seqs, num_kv_heads, md.max_seq_len, torch.device(DEVICE))
+    splits = TRITON.num_decode_splits(md.num_seqs, num_kv_heads, md.max_seq_len, torch.device(DEVICE))
+    assert DEVICE == "cpu" or splits > 1
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+@pytest.mark.parametrize("num_heads,num_kv_heads,block_size", [(12, 2, 16), (8, 4, 32)])
+@pytest.mark.parametrize("grid_len", [4101, 32768])
+def test_decode_grid_sized_for_max_model_len(grid_len, num_heads, num_kv_heads, block_size, dtype):
+    """The decode graph's metadata says max_seq_len = max_model_len: the split count comes from
+    that, and each sequence deals its own (much shorter) context out over the splits; the splits
+    past it exit and the reduce reads only the ones written."""
+    seqs = [(1, 1), (63, 1), (65, 1), (300, 1), (129, 1), (2049, 1)][: 3 if grid_len == 32768 and INTERPRET else 6]
+    case = Case(seqs, block_size, num_heads, num_kv_heads, 128, DTYPES[dtype], seed=grid_len + block_size)
+    case.max_seq_len = grid_len
+    md = check(case, "decode, grid sized for max_model_len")
+    splits = TRITON.num_decode_splits(md.num_seqs, num_kv_heads, grid_len, torch.device(DEVICE))
     assert DEVICE == "cpu" or splits > 1
 
 
@@ -244,7 +262,7 @@ def test_decode_many_sequences(num_heads, num_kv_heads, head_dim, dtype):
     lens = torch.randint(1, 700, (160,), generator=g).tolist()
     case = Case([(n, 1) for n in lens], 16, num_heads, num_kv_heads, head_dim, DTYPES[dtype], seed=5)
     md = check(case, "decode, 160 sequences (no split)")
-    splits, _ = TRITON.num_decode_splits(md.num_seqs, num_kv_heads, md.max_seq_len, torch.device(DEVICE))
+    splits = TRITON.num_decode_splits(md.num_seqs, num_kv_heads, md.max_seq_len, torch.device(DEVICE))
     assert DEVICE == "cpu" or splits == 1
 
 

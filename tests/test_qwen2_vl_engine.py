@@ -266,9 +266,13 @@ def test_chunked_prefill_through_image_tokens_equals_hf(chunked_llm, ref, monkey
     steps = []
     orig_prepare = runner.prepare
 
+    chained_image_chunks = []
+
     def prepare(out, prev=None):
         batch = orig_prepare(out, prev)
         steps.append((batch.input_ids.numel(), [(rid, f.identifier, lo, hi) for rid, f, lo, hi, _ in batch.mm_slices]))
+        if prev is not None and batch.mm_slices:
+            chained_image_chunks.append(len(steps))
         return batch
 
     monkeypatch.setattr(runner, "prepare", prepare)
@@ -288,6 +292,8 @@ def test_chunked_prefill_through_image_tokens_equals_hf(chunked_llm, ref, monkey
     assert all(a[1] == b[0] for a, b in zip(big, big[1:]))
     # ...but the vision tower ran once per image, not once per chunk.
     assert len(vision.calls) == 4
+    # Async scheduling (on by default) launched image chunks chained to the step in flight.
+    assert chained_image_chunks
 
 
 @pytest.fixture(scope="module")

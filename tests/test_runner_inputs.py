@@ -70,7 +70,7 @@ def test_decode_fast_path_matches_general(mrope: bool) -> None:
         if step % 3 == 0:
             rng.shuffle(batch)
         out = SchedulerOutput([(r, 1) for r in batch], len(batch))
-        assert runner._decode_only(out)
+        assert runner._decode_only(out, False)
         fast = runner.prepare(out)
         fast_steps += 1
         _assert_same(fast, runner._prepare_general(out))
@@ -103,4 +103,4 @@ def test_non_decode_steps_use_general_path() -> None:
     req = _request(0, rng, False)
     req.num_computed_tokens = 0
     _grow(req, [1])
-    assert not runner._decode_only(SchedulerOutput([(req, req.num_tokens)], req.num_tokens))
+    assert not runner._decode_only(SchedulerOutput([(req, req.num_tokens)], req.num_tokens), False)
