@@ -389,6 +389,8 @@ def step_summary(steps: list[tuple[float, float, int, int]], t0: float, t_end: f
         full_batch=full_batch, full_batch_decode_steps=len(full),
         prefill_step_ms_median=1e3 * statistics.median(mixed) if mixed else None,
         max_batch=max(n for _, _, _, n in steps),
+        # every step: [ms in step() (launch of the next + wait for this one), tokens, requests]
+        trace=[[round(1e3 * (e - s), 2), tok, n] for s, e, tok, n in steps],
     )
 
 
@@ -807,7 +809,7 @@ def main(argv=None) -> int:
         eng_outputs = r.pop("outputs")
         eng.update(w1_out_tok_per_s=r["out_tok_per_s"], w1=r)
         log(f"engine W1: {r['requests']} requests, {r['seconds']:.2f} s, {r['out_tok_per_s']:.0f} out tok/s; "
-            f"steps {json.dumps(r['steps'])}")
+            f"steps {json.dumps({k: v for k, v in r['steps'].items() if k != 'trace'})}")
         if hf_outputs is not None:
             result["greedy_agreement_engine_vs_hf_default"] = agreement(eng_outputs[: len(hf_outputs)], hf_outputs)
             log(f"agreement with HF: {result['greedy_agreement_engine_vs_hf_default']}")
@@ -823,7 +825,7 @@ def main(argv=None) -> int:
                     r.pop("outputs")
                     eng["w1_sweep"].append(dict(max_num_seqs=seqs, max_num_batched_tokens=tokens, **r))
                     log(f"W1 sweep {seqs}:{tokens}: {r['seconds']:.2f} s, {r['out_tok_per_s']:.0f} out tok/s; "
-                        f"steps {json.dumps(r['steps'])}")
+                        f"steps {json.dumps({k: v for k, v in r['steps'].items() if k != 'trace'})}")
             finally:
                 llm.core.scheduler.config = base
 

@@ -69,3 +69,27 @@ class AttentionBackend(ABC):
         query: [num_tokens, num_heads, head_dim] -> returns [num_tokens, num_heads, head_dim].
         ``write_kv`` for the same tokens has already run, so the cache holds them too.
         """
+
+    def rotary_write_kv(
+        self,
+        qk: torch.Tensor,
+        value: torch.Tensor,
+        cos: torch.Tensor,
+        sin_signed: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        num_heads: int,
+    ) -> torch.Tensor:
+        """Neox rotary of q and k over the full head_dim (``fused_ops.apply_rotary_signed``),
+        then ``write_kv`` of the rotated keys and ``value``; returns the rotated queries.
+
+        qk: [num_tokens, num_heads + num_kv_heads, head_dim] (q heads first; a strided view of a
+        merged qkv is fine); value: [num_tokens, num_kv_heads, head_dim]; cos, sin_signed:
+        [num_tokens, 1, head_dim] (sin with its first half negated) -> [num_tokens, num_heads,
+        head_dim]. Backends may fuse the two (one kernel instead of two a layer).
+        """
+        from kernels import fused_ops
+
+        qk = fused_ops.apply_rotary_signed(qk, cos, sin_signed, qk.shape[-1])
+        self.write_kv(qk[:, num_heads:], value, kv_cache, slot_mapping)
+        return qk[:, :num_heads]

@@ -1,8 +1,10 @@
-"""The model layers' elementwise ops behind one switch: fused Triton kernels on CUDA, torch elsewhere.
+"""The model layers' elementwise ops and skinny linears behind one switch: fused Triton kernels on
+CUDA, torch elsewhere.
 
 Each public function here is the torch reference implementation of an op the models use (moved
 from engine/models/layers.py, which re-exports them) plus one dispatch test: the fused kernel of
-``kernels/triton_fused.py`` runs instead only when
+``kernels/triton_fused.py`` (for ``linear`` / ``silu_and_mul_linear``: the GEMV of
+``kernels/triton_gemv.py``) runs instead only when
 
   * the tensor is on CUDA (or CPU with ``force_cpu_triton(True)``: a test hook, meant for
     Triton's interpreter, ``TRITON_INTERPRET=1`` set before the first fused call),
@@ -14,6 +16,13 @@ from engine/models/layers.py, which re-exports them) plus one dispatch test: the
   * and the op's shape is one the kernel handles (full rotary, rows of at most
     ``MAX_NORM_WIDTH`` (``MAX_LAYER_NORM_WIDTH`` for LayerNorm), matching dtypes); anything else
     takes the torch path.
+
+The linears take the GEMV only for decode-sized inputs: 2-D x of at most ``GEMV_MAX_M`` (8) rows
+with unit column stride, a contiguous weight (and bias) of x's dtype, and a shape where the GEMV's
+tuning table found it faster than cuBLAS (``triton_gemv.use_gemv``); anything else (prefill,
+vision towers, fp32) runs ``F.linear`` as before. The GEMV accumulates in fp32 and rounds once,
+so it differs from cuBLAS only in summation order (see tests/test_gemv.py); ``silu_and_mul_linear``
+feeds it the activation rounded exactly as ``silu_and_mul``'s kernel rounds it.
 
 The kernels reproduce these references' roundings: bit for bit for the rotaries and the residual
 adds, within one ulp of the dtype otherwise (two where an intermediate torch stores in the dtype,
@@ -42,6 +51,9 @@ def _env_enabled() -> bool:
 _enabled: bool = _env_enabled()
 _force_cpu: bool = False
 _triton_mod: ModuleType | None | bool = None  # None: not tried yet; False: import failed
+_gemv_mod: ModuleType | None | bool = None  # kernels.triton_gemv, likewise
+
+GEMV_MAX_M = 8  # rows up to which ``linear`` / ``silu_and_mul_linear`` take the Triton GEMV
 
 
 def set_enabled(flag: bool | None) -> None:
@@ -75,6 +87,19 @@ def _load_triton() -> ModuleType | None:
     return _triton_mod or None
 
 
+def _load_gemv() -> ModuleType | None:
+    global _gemv_mod
+    if _gemv_mod is None:
+        try:
+            import kernels.triton_gemv as mod
+
+            _gemv_mod = mod
+        except Exception as exc:  # noqa: BLE001 - as _load_triton: torch's linear
+            logger.warning("Triton GEMV unavailable, using torch linear: %s", exc)
+            _gemv_mod = False
+    return _gemv_mod or None
+
+
 def _fast(x: torch.Tensor) -> ModuleType | None:
     """The Triton module when ``x`` should take the fused path, else None. Cheapest tests first:
     this runs for every op of every layer."""
@@ -83,6 +108,28 @@ def _fast(x: torch.Tensor) -> ModuleType | None:
     if not (x.is_cuda or (_force_cpu and x.device.type == "cpu")):
         return None
     return _load_triton()
+
+
+def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int) -> ModuleType | None:
+    """The GEMV module when ``x @ weight.T (+ bias)`` (weight [N, k]) should take it, else None."""
+    if (
+        _fast(x) is None
+        or x.dim() != 2
+        or not 1 <= x.shape[0] <= GEMV_MAX_M
+        or x.stride(-1) != 1
+        or weight.dim() != 2
+        or weight.shape[1] != k
+        or k == 0
+        or weight.dtype != x.dtype
+        or weight.device != x.device
+        or not weight.is_contiguous()
+    ):
+        return None
+    if bias is not None and (bias.dtype != x.dtype or bias.shape != weight.shape[:1] or bias.stride(0) != 1):
+        return None
+    g = _load_gemv()
+    # the GEMV's tuning table: shapes and row counts where cuBLAS measured faster stay on cuBLAS
+    return g if g is not None and g.use_gemv(x.shape[0], weight.shape[0], k) else None
 
 
 # -- references ------------------------------------------------------------------------------------
@@ -181,6 +228,28 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; decode-sized 2-D x (<= GEMV_MAX_M rows) takes the Triton GEMV."""
+    g = _gemv(x, weight, bias, x.shape[-1])
+    if g is not None:
+        return g.gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(silu_and_mul(x), weight, bias)``: x [M, 2I] (gate | up), weight [N, I].
+
+    Decode-sized x takes one GEMV kernel with the activation fused into its input (up to the
+    GEMV module's ``FUSED_SILU_MAX_M`` rows; above, the activation kernel and then the GEMV: the
+    same bits either way)."""
+    g = _gemv(x, weight, bias, x.shape[-1] // 2) if x.shape[-1] % 2 == 0 else None
+    if g is not None:
+        if x.shape[0] <= g.FUSED_SILU_MAX_M:
+            return g.gemv_silu_mul(x, weight, bias)
+        return g.gemv(silu_and_mul(x), weight, bias)
+    return F.linear(silu_and_mul(x), weight, bias)
+
+
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for separate projections; gate, up: [N, I] of one dtype -> [N, I]."""
     tf = _fast(gate)
@@ -253,10 +322,12 @@ __all__ = [
     "fused_add_layer_norm",
     "fused_add_rms_norm",
     "is_enabled",
+    "linear",
     "quick_gelu",
     "rms_norm",
     "set_enabled",
     "silu_and_mul",
+    "silu_and_mul_linear",
     "silu_mul",
     "vision_rotary",
 ]

@@ -32,7 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import fused_ops
 from kernels.backend import AttentionBackend, AttentionMetadata
+from kernels.triton_fused import _round
 
 _LOG2E = 1.4426950408889634
 _NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima: exp2(-inf - -inf) would be NaN
@@ -77,6 +79,78 @@ def _write_kv_kernel(
     dst = blk * stride_cb + off * stride_cs + offs_h[:, None] * stride_ch + offs_d[None, :]
     tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotary_write_kv_kernel(
+    qk_ptr,
+    v_ptr,
+    cos_ptr,
+    sin_ptr,
+    q_out_ptr,
+    kv_cache_ptr,
+    slot_mapping_ptr,
+    num_heads,
+    num_kv_heads,
+    stride_xt,
+    stride_xh,
+    stride_vt,
+    stride_vh,
+    stride_ct,
+    stride_st,
+    stride_ot,
+    stride_oh,
+    stride_kv,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    HALF: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_KV: tl.constexpr,
+):
+    """One program per token: rotate its q and k heads (kernels.triton_fused's rotary roundings),
+    store q to ``q_out`` and k, v to the cache slot (skipped for a negative slot)."""
+    tok = tl.program_id(0).to(tl.int64)
+    heads = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_HALF)
+    d_mask = d < HALF
+    n_qk = num_heads + num_kv_heads
+    mask = (heads < n_qk)[:, None] & d_mask[None, :]
+    dtype = q_out_ptr.dtype.element_ty
+    xp = qk_ptr + tok * stride_xt + heads[:, None] * stride_xh + d[None, :]
+    x1 = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(xp + HALF, mask=mask, other=0.0).to(tl.float32)
+    cp = cos_ptr + tok * stride_ct + d
+    sp = sin_ptr + tok * stride_st + d
+    c1 = tl.load(cp, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    c2 = tl.load(cp + HALF, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    s1 = tl.load(sp, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    s2 = tl.load(sp + HALF, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    o1 = _round(_round(x1 * c1, dtype) + _round(x2 * s1, dtype), dtype).to(dtype)
+    o2 = _round(_round(x2 * c2, dtype) + _round(x1 * s2, dtype), dtype).to(dtype)
+    # queries: heads [0, num_heads)
+    q_mask = (heads < num_heads)[:, None] & d_mask[None, :]
+    qp = q_out_ptr + tok * stride_ot + heads[:, None] * stride_oh + d[None, :]
+    tl.store(qp, o1, mask=q_mask)
+    tl.store(qp + HALF, o2, mask=q_mask)
+    # keys: heads [num_heads, num_heads + num_kv_heads), and the values, to the cache slot
+    slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
+    blk = slot // PAGE_SIZE
+    off = slot % PAGE_SIZE
+    ok = slot >= 0
+    base = blk * stride_cb + off * stride_cs
+    kv_head = heads - num_heads
+    k_mask = ok & (heads >= num_heads)[:, None] & mask
+    kp = kv_cache_ptr + base + kv_head[:, None] * stride_ch + d[None, :]
+    tl.store(kp, o1, mask=k_mask)
+    tl.store(kp + HALF, o2, mask=k_mask)
+    hv = tl.arange(0, BLOCK_KV)
+    dv = tl.arange(0, 2 * BLOCK_HALF)
+    v_mask = ok & (hv < num_kv_heads)[:, None] & (dv < 2 * HALF)[None, :]
+    v = tl.load(v_ptr + tok * stride_vt + hv[:, None] * stride_vh + dv[None, :], mask=v_mask)
+    tl.store(kv_cache_ptr + stride_kv + base + hv[:, None] * stride_ch + dv[None, :], v, mask=v_mask)
 
 
 # -- shared inner step -----------------------------------------------------------------------------
@@ -430,6 +504,56 @@ class TritonBackend(AttentionBackend):
             BLOCK_D=cfg[1],
             num_warps=cfg[2],
         )
+
+    def rotary_write_kv(
+        self,
+        qk: torch.Tensor,
+        value: torch.Tensor,
+        cos: torch.Tensor,
+        sin_signed: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        num_heads: int,
+    ) -> torch.Tensor:
+        """One kernel for the rotary and the KV write of a layer (see AttentionBackend), bit for
+        bit the rotary of ``kernels.triton_fused`` followed by ``write_kv``. Only where the fused
+        kernels are enabled, in fp16 / bf16 with one dtype throughout and per-token tables;
+        anything else takes the two-kernel path."""
+        n, n_qk, head_dim = qk.shape
+        num_kv_heads = n_qk - num_heads
+        dtype = qk.dtype
+        if not (
+            fused_ops.is_enabled()
+            and dtype in (torch.float16, torch.bfloat16)
+            and kv_cache.dtype == dtype and value.dtype == dtype and cos.dtype == dtype and sin_signed.dtype == dtype
+            and head_dim % 2 == 0
+            and cos.shape == sin_signed.shape == (n, 1, head_dim)
+            and cos.stride(-1) == 1 and sin_signed.stride(-1) == 1
+            and qk.stride(-1) == 1 and value.stride(-1) == 1
+            and value.shape == (n, num_kv_heads, head_dim)
+            and kv_cache.stride(-1) == 1
+        ):
+            return super().rotary_write_kv(qk, value, cos, sin_signed, kv_cache, slot_mapping, num_heads)
+        q = torch.empty((n, num_heads, head_dim), dtype=dtype, device=qk.device)
+        if n == 0:
+            return q
+        half = head_dim // 2
+        cs = kv_cache.stride()
+        _rotary_write_kv_kernel[(n,)](
+            qk, value, cos, sin_signed, q, kv_cache, slot_mapping,
+            num_heads, num_kv_heads,
+            qk.stride(0), qk.stride(1), value.stride(0), value.stride(1),
+            cos.stride(0), sin_signed.stride(0), q.stride(0), q.stride(1),
+            cs[0], cs[1], cs[2], cs[3],
+            HALF=half,
+            PAGE_SIZE=kv_cache.shape[2],
+            BLOCK_H=triton.next_power_of_2(n_qk),
+            BLOCK_HALF=triton.next_power_of_2(half),
+            BLOCK_KV=triton.next_power_of_2(num_kv_heads),
+            num_warps=4,
+            enable_fp_fusion=False,  # as kernels.triton_fused's rotary: no FMA, torch's roundings
+        )
+        return q
 
     # -- attend ---------------------------------------------------------------------------------
     def attend(

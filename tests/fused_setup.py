@@ -18,9 +18,10 @@ import torch
 _WAS = os.environ.get("TRITON_INTERPRET")
 
 
-def setup() -> str:
-    """Imports triton and kernels.triton_fused for this machine; returns the device to test on.
-    Skips the calling module where triton is missing (or was imported in the other mode)."""
+def setup(*modules: str) -> str:
+    """Imports triton, kernels.triton_fused and ``modules`` (other kernel modules) for this
+    machine; returns the device to test on. Skips the calling module where triton is missing (or
+    was imported in the other mode)."""
     if torch.cuda.is_available() and _WAS != "1":
         pytest.importorskip("triton")
         return "cuda"
@@ -33,6 +34,8 @@ def setup() -> str:
             pytest.skip("triton was imported before TRITON_INTERPRET=1 was set (set it in the environment)",
                         allow_module_level=True)
         importlib.import_module("kernels.triton_fused")
+        for name in modules:
+            importlib.import_module(name)
     finally:
         if _WAS is None:
             del os.environ["TRITON_INTERPRET"]

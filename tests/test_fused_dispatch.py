@@ -1,6 +1,7 @@
 """The fused-kernel dispatch (kernels/fused_ops.py): which calls take the Triton kernels, the
 on/off switch, and tiny bf16 models (Qwen2, Qwen2-VL, Qwen2.5-VL: vision tower + prefill + decode)
 with the fused kernels on vs off; in fp32 the kernels never run and outputs are bit-identical.
+Also the decode step's linears on the Triton GEMV (kernels/triton_gemv.py) vs ``F.linear``.
 
 Runs on CUDA when there is a device; otherwise on CPU through Triton's interpreter, the CPU
 tensors routed to the kernels by ``fused_ops.force_cpu_triton`` (see tests/fused_setup.py).
@@ -68,6 +69,17 @@ def _count_calls(monkeypatch) -> dict[str, int]:
             return _fn(*a, **k)
 
         monkeypatch.setattr(tf, name, wrapped)
+    if CUDA:  # the Triton attention backend fuses the text rotary into its KV write
+        import kernels.triton_attention as ta
+
+        real = ta._rotary_write_kv_kernel
+
+        class _Counting:
+            def __getitem__(self, grid):
+                calls["rotary_write_kv"] = calls.get("rotary_write_kv", 0) + 1
+                return real[grid]
+
+        monkeypatch.setattr(ta, "_rotary_write_kv_kernel", _Counting())
     return calls
 
 
@@ -252,7 +264,7 @@ def test_model_fused_vs_unfused(name, fused_on, monkeypatch):
     assert calls == {}
     fused_ops.set_enabled(True)
     got = _outputs(name, model, torch.bfloat16)
-    expected = {"rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary"}
+    expected = {"rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_write_kv" if CUDA else "rotary"}
     if name == "qwen2_vl":
         expected |= {"quick_gelu", "vision_rotary", "fused_add_layer_norm"}
     if name == "qwen2_5_vl":
@@ -263,6 +275,46 @@ def test_model_fused_vs_unfused(name, fused_on, monkeypatch):
         err = ((a.float() - b.float()).abs().max() / ref32[i].abs().max()).item()
         scale_err = ((b.float() - ref32[i]).abs().max() / ref32[i].abs().max()).item()
         print(f"{name} output {i}: fused vs unfused bf16 {err:.2e} (unfused bf16 vs fp32 {scale_err:.2e})")
+        assert err <= max(2e-2, 0.5 * scale_err), (name, i, err, scale_err)
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl"] + (["qwen2"] if CUDA else []))
+@torch.no_grad()
+def test_model_gemv_vs_torch_linear(name, fused_on, monkeypatch):
+    """Prefill + one decode step with the decode's linears on the Triton GEMV (qkv, o, gate_up,
+    down with the activation fused, the LM head) vs ``F.linear``, the other fused kernels on in
+    both: the prefill (more than 8 rows) is bit-identical, the decode close in bf16."""
+    import kernels.triton_gemv as tg
+
+    if not CUDA and not tg._INTERPRETED:
+        pytest.skip("kernels.triton_gemv was imported outside Triton's interpreter")
+    model = _build(name)
+    _randomize(model, seed=2)
+    model = model.to(DEVICE).eval()
+    mrope = name != "qwen2"
+    ref32 = _lm_steps(model, torch.float32, mrope)
+    model = model.to(torch.bfloat16)
+    calls: dict[str, int] = {}
+    for fn_name in ("gemv", "gemv_silu_mul"):
+        fn = getattr(tg, fn_name)
+
+        def wrapped(*a, _fn=fn, _name=fn_name, **k):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _fn(*a, **k)
+
+        monkeypatch.setattr(tg, fn_name, wrapped)
+    monkeypatch.setattr(fused_ops, "_gemv_mod", False)  # as if the GEMV failed to import: F.linear
+    ref = _lm_steps(model, torch.bfloat16, mrope)
+    assert calls == {}
+    monkeypatch.setattr(fused_ops, "_gemv_mod", tg)
+    got = _lm_steps(model, torch.bfloat16, mrope)
+    layers = model.num_layers
+    assert calls == {"gemv": 3 * layers + 1, "gemv_silu_mul": layers}, calls
+    assert torch.equal(got[0], ref[0])  # prefill: F.linear either way
+    for i, (a, b) in enumerate(zip(got, ref)):
+        err = ((a.float() - b.float()).abs().max() / ref32[i].abs().max()).item()
+        scale_err = ((b.float() - ref32[i]).abs().max() / ref32[i].abs().max()).item()
+        print(f"{name} output {i}: GEMV vs F.linear bf16 {err:.2e} (F.linear bf16 vs fp32 {scale_err:.2e})")
         assert err <= max(2e-2, 0.5 * scale_err), (name, i, err, scale_err)
 
 

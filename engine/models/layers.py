@@ -51,7 +51,19 @@ class LayerNorm(nn.LayerNorm):
         return fused_ops.fused_add_layer_norm(x, residual, self.weight, self.bias, self.eps)
 
 
-class MergedLinear(nn.Linear):
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and names, so checkpoints load as they are) whose 2-D calls go
+    through ``fused_ops.linear``: decode-sized fp16/bf16 inputs on CUDA (at most
+    ``fused_ops.GEMV_MAX_M`` rows) take the Triton GEMV, everything else ``F.linear`` as before."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in_features] -> [..., out_features]
+        if x.dim() == 2:
+            return fused_ops.linear(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+class MergedLinear(Linear):
     """Several HF projections stored as one matmul (q/k/v, or gate/up); loads each shard by index."""
 
     def __init__(self, in_features: int, out_sizes: list[int], bias: bool) -> None:
@@ -151,6 +163,21 @@ class PagedAttention(nn.Module):
     ) -> torch.Tensor:
         # q: [N, H, D]; k, v: [N, Hkv, D] -> [N, H * D]
         self.backend.write_kv(k, v, kv_cache, meta.slot_mapping)
+        out = self.backend.attend(q, kv_cache, meta, self.scale)
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def forward_rotary(
+        self,
+        qk: torch.Tensor,
+        v: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """``forward`` after a full-width neox rotary of q and k (``RotaryEmbedding.apply``), which
+        the backend may fuse with the KV write. qk: [N, H + Hkv, D] (q heads first); v: [N, Hkv, D];
+        rope: ``RotaryEmbedding.table`` of these positions -> [N, H * D]."""
+        q = self.backend.rotary_write_kv(qk, v, rope[0], rope[1], kv_cache, meta.slot_mapping, self.num_heads)
         out = self.backend.attend(q, kv_cache, meta, self.scale)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 

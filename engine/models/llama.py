@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.models.layers import MergedLinear, PagedAttention, RMSNorm, RotaryEmbedding, silu_and_mul
-from kernels import AttentionBackend, AttentionMetadata
+from engine.models.layers import Linear, MergedLinear, PagedAttention, RMSNorm, RotaryEmbedding, silu_and_mul
+from kernels import AttentionBackend, AttentionMetadata, fused_ops
 
 # checkpoint sub-name -> (our merged module, shard index)
 _STACKED = {
@@ -32,7 +32,7 @@ class LlamaAttention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = MergedLinear(hidden, [self.q_size, self.kv_size, self.kv_size], bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, hidden, bias=o_bias)
+        self.o_proj = Linear(self.q_size, hidden, bias=o_bias)
         self.rotary_emb = RotaryEmbedding(config, self.head_dim, config.max_position_embeddings)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, backend)
 
@@ -52,9 +52,11 @@ class LlamaAttention(nn.Module):
         qkv = self.qkv_proj(x)
         # q and k are adjacent in the merged projection: rotate them together (one set of kernels).
         qk = qkv[:, : self.q_size + self.kv_size].view(n, self.num_heads + self.num_kv_heads, self.head_dim)
+        v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
+        if self.rotary_emb.rot_dim == self.head_dim:  # the backend may fuse rotary and KV write
+            return self.o_proj(self.attn.forward_rotary(qk, v, rope, kv_cache, meta))
         qk = self.rotary_emb.apply(qk, rope)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
-        v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
         return self.o_proj(self.attn(q, k, v, kv_cache, meta))
 
 
@@ -62,10 +64,14 @@ class LlamaMLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int, bias: bool) -> None:
         super().__init__()
         self.gate_up_proj = MergedLinear(hidden, [intermediate, intermediate], bias=bias)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.down_proj = Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        # x: [N, hidden] -> [N, hidden]
+        h = self.gate_up_proj(x)  # [N, 2 * intermediate]
+        if x.dim() == 2:  # decode-sized batches: the activation fused into down_proj's GEMV
+            return fused_ops.silu_and_mul_linear(h, self.down_proj.weight, self.down_proj.bias)
+        return self.down_proj(silu_and_mul(h))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -145,7 +151,7 @@ class CausalLMTextMixin:
         self.model = model
         self.tie_word_embeddings = bool(tie_word_embeddings)
         if not self.tie_word_embeddings:
-            self.lm_head = nn.Linear(hidden_size, vocab_size, bias=False)
+            self.lm_head = Linear(hidden_size, vocab_size, bias=False)
         self.num_layers = len(model.layers)
         attn = model.layers[0].self_attn
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
@@ -165,10 +171,11 @@ class CausalLMTextMixin:
         return self.text_lm().model(input_ids, positions, kv_caches, meta, inputs_embeds)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # hidden: [M, hidden] -> logits [M, vocab] in fp32
+        # hidden: [M, hidden] -> logits [M, vocab] in fp32 (a decode batch of <= 8 rows takes the
+        # Triton GEMV, tied or not: the head is Qwen2-VL-2B's largest weight read)
         lm = self.text_lm()
         weight = lm.model.embed_tokens.weight if lm.tie_word_embeddings else lm.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        return fused_ops.linear(hidden, weight).float()
 
 
 class LlamaForCausalLM(CausalLMTextMixin, nn.Module):

@@ -392,6 +392,7 @@ class MRotaryEmbedding(nn.Module):
     def __init__(self, config: Any, head_dim: int) -> None:
         super().__init__()
         params, section = _text_rope(config)
+        self.rot_dim = head_dim  # full-width rotary (LlamaAttention checks this)
         if sum(section) * 2 != head_dim:
             raise ValueError(f"qwen2_vl: mrope_section {section} must sum to head_dim / 2 = {head_dim // 2}")
         rope_type = params.get("rope_type", params.get("type", "default"))
