@@ -115,11 +115,17 @@ class EngineCore:
             if sched_out.is_empty:
                 return outputs
             handle = self.runner.launch(sched_out)
+        # A step with prompt tokens keeps the device busy long enough to run ``idle`` first, so
+        # that what it queues (more prompts) can join the successor; a decode step is too short:
+        # the successor is launched first, so that the device has work queued while idle runs.
+        idle_first = idle is not None and sched_out.num_batched_tokens > len(sched_out.scheduled)
+        if idle_first:
+            idle()
         if self.async_scheduling:
             nxt = self.scheduler.schedule_next(sched_out)
             if nxt is not None:
                 self._inflight = (nxt, self.runner.launch(nxt, prev=handle))
-        if idle is not None:
+        if idle is not None and not idle_first:
             idle()
         result = self.runner.collect(handle)
         self.last_step_time = time.perf_counter() - t0
