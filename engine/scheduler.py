@@ -135,7 +135,7 @@ class Scheduler:
         bm = self.block_manager
         bs = bm.block_size
         budget = self.config.max_num_batched_tokens
-        plan: list[tuple[Request, int, int]] = []  # (request, tokens in prev, tokens next)
+        plan: list[tuple[Request, int, int, bool]] = []  # (request, tokens in prev, tokens next, allocate?)
         needed = 0  # fresh blocks for prev's tokens (computed counts not advanced yet) and the next
         running = RequestStatus.RUNNING
         for req, k in prev.scheduled:
@@ -154,19 +154,19 @@ class Scheduler:
                 return None
             if n <= 0:
                 break  # budget spent: later requests just wait a step, as in schedule()
-            plan.append((req, k, n))
             budget -= n
             total = after + n
             # As schedule()'s decode fast path: a token that lands inside a block already held and
             # does not fill it needs no allocate() (no new block, no block to register).
-            if n > 1 or total % bs == 0 or len(req.block_ids) * bs < total:
+            alloc = n > 1 or total % bs == 0 or len(req.block_ids) * bs < total
+            if alloc:
                 needed += max(0, -(-total // bs) - len(req.block_ids))
+            plan.append((req, k, n, alloc))
         if not plan or needed > bm.num_free_blocks:
             return None
         nxt: list[tuple[Request, int]] = []
-        for req, k, n in plan:
-            total = req.num_computed_tokens + k + n
-            if n > 1 or total % bs == 0 or len(req.block_ids) * bs < total:
+        for req, k, n, alloc in plan:
+            if alloc:
                 bm.allocate(req, k + n)
             req.num_inflight_tokens = k
             if req.num_computed_tokens + k == len(req.all_token_ids):

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from kernels import fused_ops
 from kernels.backend import AttentionBackend, AttentionMetadata
-from kernels.triton_fused import _round
+from kernels.triton_fused import _neox_rotate
 
 _LOG2E = 1.4426950408889634
 _NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima: exp2(-inf - -inf) would be NaN
@@ -120,16 +120,9 @@ def _rotary_write_kv_kernel(
     mask = (heads < n_qk)[:, None] & d_mask[None, :]
     dtype = q_out_ptr.dtype.element_ty
     xp = qk_ptr + tok * stride_xt + heads[:, None] * stride_xh + d[None, :]
-    x1 = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(xp + HALF, mask=mask, other=0.0).to(tl.float32)
-    cp = cos_ptr + tok * stride_ct + d
-    sp = sin_ptr + tok * stride_st + d
-    c1 = tl.load(cp, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-    c2 = tl.load(cp + HALF, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-    s1 = tl.load(sp, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-    s2 = tl.load(sp + HALF, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-    o1 = _round(_round(x1 * c1, dtype) + _round(x2 * s1, dtype), dtype).to(dtype)
-    o2 = _round(_round(x2 * c2, dtype) + _round(x1 * s2, dtype), dtype).to(dtype)
+    o1, o2 = _neox_rotate(xp, cos_ptr + tok * stride_ct + d, sin_ptr + tok * stride_st + d, mask, d_mask, HALF, dtype)
+    o1 = o1.to(dtype)
+    o2 = o2.to(dtype)
     # queries: heads [0, num_heads)
     q_mask = (heads < num_heads)[:, None] & d_mask[None, :]
     qp = q_out_ptr + tok * stride_ot + heads[:, None] * stride_oh + d[None, :]

@@ -324,6 +324,23 @@ def fused_add_layer_norm(
 
 
 @triton.jit
+def _neox_rotate(xp, cp, sp, mask, d_mask, HALF: tl.constexpr, DTYPE: tl.constexpr):
+    """Neox rotary of the heads at ``xp`` ([heads, BLOCK_HALF] pointers to each first half) by
+    the tables at ``cp`` / ``sp`` ([BLOCK_HALF] pointers, sin signed): the two rotated halves,
+    fp32 holding DTYPE values rounded as torch's op sequence in DTYPE rounds them."""
+    x1 = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(xp + HALF, mask=mask, other=0.0).to(tl.float32)
+    c1 = tl.load(cp, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    c2 = tl.load(cp + HALF, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    s1 = tl.load(sp, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    s2 = tl.load(sp + HALF, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    # torch in the dtype: x * cos and swap_halves(x) * sin are each stored, then added
+    o1 = _round(_round(x1 * c1, DTYPE) + _round(x2 * s1, DTYPE), DTYPE)
+    o2 = _round(_round(x2 * c2, DTYPE) + _round(x1 * s2, DTYPE), DTYPE)
+    return o1, o2
+
+
+@triton.jit
 def _rotary_kernel(
     x_ptr, cos_ptr, sin_ptr, o_ptr,
     n_heads, stride_xt, stride_xh, stride_ct, stride_st, stride_ot, stride_oh,
@@ -338,17 +355,7 @@ def _rotary_kernel(
     mask = (heads < n_heads)[:, None] & d_mask[None, :]
     dtype = o_ptr.dtype.element_ty
     xp = x_ptr + tok * stride_xt + heads[:, None] * stride_xh + d[None, :]
-    x1 = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(xp + HALF, mask=mask, other=0.0).to(tl.float32)
-    cp = cos_ptr + tok * stride_ct + d
-    sp = sin_ptr + tok * stride_st + d
-    c1 = tl.load(cp, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-    c2 = tl.load(cp + HALF, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-    s1 = tl.load(sp, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-    s2 = tl.load(sp + HALF, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-    # torch in the dtype: x * cos and swap_halves(x) * sin are each stored, then added
-    o1 = _round(_round(x1 * c1, dtype) + _round(x2 * s1, dtype), dtype)
-    o2 = _round(_round(x2 * c2, dtype) + _round(x1 * s2, dtype), dtype)
+    o1, o2 = _neox_rotate(xp, cos_ptr + tok * stride_ct + d, sin_ptr + tok * stride_st + d, mask, d_mask, HALF, dtype)
     op = o_ptr + tok * stride_ot + heads[:, None] * stride_oh + d[None, :]
     tl.store(op, o1.to(dtype), mask=mask)
     tl.store(op + HALF, o2.to(dtype), mask=mask)

@@ -53,3 +53,20 @@ def interpreter_env():
             os.environ.pop("TRITON_INTERPRET", None)
     else:
         yield
+
+
+def compile_for_sm90(script: str) -> None:
+    """Runs ``script`` (it compiles kernels for sm_90 through ptxas) in a fresh process without
+    TRITON_INTERPRET: this one may have triton in interpreter mode. Skips where there is no
+    ptxas; fails with the script's stderr otherwise."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
+        pytest.skip("no ptxas")
+    assert proc.returncode == 0, proc.stderr[-4000:]

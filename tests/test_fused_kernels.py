@@ -28,9 +28,6 @@ The worst errors are printed as a table by the last test (``pytest -s``).
 
 from __future__ import annotations
 
-import os
-import sys
-
 import fused_setup
 import pytest
 import torch
@@ -447,16 +444,7 @@ def test_kernels_compile_for_sm90():
     """Compiles every kernel (bf16) for an H100 (sm_90) through ptxas, without a GPU: catches what
     the interpreter does not check (types, layouts) before a GPU run. In a fresh process, since
     this one has triton in interpreter mode."""
-    import subprocess
-
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=300, check=False)
-    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
-        pytest.skip("no ptxas")
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    fused_setup.compile_for_sm90(_SM90_SCRIPT)
 
 
 # -- report ---------------------------------------------------------------------------------------

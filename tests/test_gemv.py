@@ -277,17 +277,7 @@ print("compiled")
 def test_gemv_compiles_for_sm90():
     """Compiles the GEMV for an H100 (sm_90) through ptxas without a GPU (in a fresh process: this
     one has triton in interpreter mode): vector weight loads, and the pipelined loop."""
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=300, check=False)
-    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
-        pytest.skip("no ptxas")
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    fused_setup.compile_for_sm90(_SM90_SCRIPT)
 
 
 def test_zz_report_worst_errors():
