@@ -113,10 +113,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="after W1, rerun it (fresh images) with these max_num_seqs:max_num_batched_tokens in the "
                         "same engine (created with the largest of each)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument("--preprocess-workers", type=int, default=None,
+                   help="threads processing prompts in LLM.generate (default: the engine's, LLM.preprocess_workers)")
+    p.add_argument("--w1-compare-workers", type=int, default=None, metavar="N",
+                   help="after W1, rerun it (fresh images) with N preprocessing threads (0: the calling thread)")
     p.add_argument("--batch1-tokens", type=int, default=512)
     p.add_argument("--ttft-repeats", type=int, default=5)
     p.add_argument("--breakdown-requests", type=int, default=64)
     p.add_argument("--profile-steps", type=int, default=4, help="decode-only steps under torch.profiler (0: skip)")
+    p.add_argument("--profile-requests", type=int, default=None,
+                   help="requests in the profiled run (decode steps are profiled once all run; default: "
+                        "--breakdown-requests)")
     p.add_argument("--hf-batch", type=int, default=64, help="W1 requests in HF's default-mode batch (0: skip HF)")
     p.add_argument("--hf-output-len", type=int, default=None, help="default: --output-len")
     p.add_argument("--hf-compile", action="store_true", help="also HF with static cache + compile, if time allows")
@@ -348,6 +355,14 @@ class StepRecorder:
         self.process = llm.core._process
         self.steps: list[tuple[float, float, int, int]] = []  # (start, end, tokens, requests)
         self._last = (0, 0)
+        # CUDA events around every runner.launch, in launch order: how long the device runs each
+        # step and how long it sits idle between steps waiting for the host (no sync added)
+        self.runner = llm.core.runner
+        self.launch = self.runner.launch
+        self.collect = self.runner.collect
+        self.events: list[tuple[Any, Any, int, int, float]] = []  # (start, end, tokens, requests, host s)
+        # host seconds in the engine's calls (the rest of a step is scheduling and output handling)
+        self.host: dict[str, float] = defaultdict(float)
 
     def __enter__(self):
         rec = self
@@ -358,19 +373,79 @@ class StepRecorder:
 
         def step(*args, **kwargs):
             rec._last = (0, 0)
+            idle = kwargs.get("idle")
+            if idle is not None:
+                def timed_idle():
+                    t = time.perf_counter()
+                    idle()
+                    rec.host["idle"] += time.perf_counter() - t
+                kwargs["idle"] = timed_idle
             t0 = time.perf_counter()
             r = rec.core_step(*args, **kwargs)
             if rec._last[1]:
                 rec.steps.append((t0, time.perf_counter(), *rec._last))
             return r
 
+        def launch(sched_out, *args, **kwargs):
+            t = time.perf_counter()
+            if not torch.cuda.is_available():
+                h = rec.launch(sched_out, *args, **kwargs)
+                rec.host["launch"] += time.perf_counter() - t
+                return h
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            h = rec.launch(sched_out, *args, **kwargs)
+            end.record()
+            dt = time.perf_counter() - t
+            rec.host["launch"] += dt
+            rec.events.append((start, end, sched_out.num_batched_tokens, len(sched_out.scheduled), dt))
+            return h
+
+        def collect(h):
+            t = time.perf_counter()
+            r = rec.collect(h)
+            rec.host["collect (waits for the device)"] += time.perf_counter() - t
+            return r
+
         self.llm.core._process = process
         self.llm.core.step = step
+        self.runner.launch = launch
+        self.runner.collect = collect
         return self
 
     def __exit__(self, *exc) -> None:
         del self.llm.core._process
         del self.llm.core.step
+        del self.runner.launch
+        del self.runner.collect
+
+    def device_summary(self) -> dict:
+        """Device time per step and idle gaps between steps, from the launch events (after a sync)."""
+        if not self.events:
+            return {}
+        torch.cuda.synchronize()
+        busy = {"prefill": 0.0, "decode": 0.0}
+        idle = {"prefill": 0.0, "decode": 0.0}
+        trace = []
+        launch = {"prefill": 0.0, "decode": 0.0}
+        for i, (s, e, tok, n, host) in enumerate(self.events):
+            kind = "decode" if tok == n else "prefill"
+            ms = s.elapsed_time(e)
+            gap = self.events[i - 1][1].elapsed_time(s) if i else 0.0
+            busy[kind] += ms
+            idle[kind] += max(gap, 0.0)
+            launch[kind] += host
+            trace.append([round(ms, 2), round(gap, 2), round(1e3 * host, 2), tok, n])
+        return dict(
+            note="trace, per launched step: [device ms from its first to its last kernel's end as "
+                 "queued (events around runner.launch), device idle ms before it (previous step's end "
+                 "event to this one's start: waiting for the host), host ms in its launch, tokens, "
+                 "requests]; a step whose device ms exceeds its kernels' sum waited for its own launch",
+            host_seconds_in=dict(self.host) | {f"launch ({k} steps)": v for k, v in launch.items()},
+            device_busy_seconds={k: v / 1e3 for k, v in busy.items()},
+            device_idle_before_step_seconds={k: v / 1e3 for k, v in idle.items()},
+            trace=trace,
+        )
 
 
 def step_summary(steps: list[tuple[float, float, int, int]], t0: float, t_end: float, full_batch: int) -> dict:
@@ -406,6 +481,7 @@ def run_w1(llm: LLM, reqs: list[dict], out_len: int, full_batch: int) -> dict:
     return dict(requests=len(reqs), prompt_tokens_each=prompt_len, output_tokens=n_out, seconds=dt,
                 out_tok_per_s=n_out / dt, total_tok_per_s=(n_out + prompt_len * len(reqs)) / dt,
                 steps=step_summary(rec.steps, t0, t0 + dt, full_batch),
+                device=rec.device_summary(),
                 outputs=[list(o.outputs[0].token_ids) for o in outs])
 
 
@@ -767,6 +843,8 @@ def main(argv=None) -> int:
                   max_num_batched_tokens=max([args.max_num_batched_tokens] + [b for _, b in sweep]),
                   gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
                   async_scheduling=not args.no_async_scheduling)
+        if args.preprocess_workers is not None:
+            llm.preprocess_workers = args.preprocess_workers
         if sweep:  # the engine is sized for the sweep's largest; W1 itself runs with the arguments
             import dataclasses
 
@@ -810,9 +888,25 @@ def main(argv=None) -> int:
         eng.update(w1_out_tok_per_s=r["out_tok_per_s"], w1=r)
         log(f"engine W1: {r['requests']} requests, {r['seconds']:.2f} s, {r['out_tok_per_s']:.0f} out tok/s; "
             f"steps {json.dumps({k: v for k, v in r['steps'].items() if k != 'trace'})}")
+        if r.get("device"):
+            log(f"engine W1 device: {json.dumps({k: v for k, v in r['device'].items() if k not in ('trace', 'note')})}")
         if hf_outputs is not None:
             result["greedy_agreement_engine_vs_hf_default"] = agreement(eng_outputs[: len(hf_outputs)], hf_outputs)
             log(f"agreement with HF: {result['greedy_agreement_engine_vs_hf_default']}")
+
+    if args.w1_compare_workers is not None:
+        with section("engine W1, other preprocessing threads"):
+            workers = llm.preprocess_workers
+            llm.preprocess_workers = args.w1_compare_workers
+            try:
+                r = run_w1(llm, inputs.requests(5_000_000, args.num_requests), args.output_len, args.max_num_seqs)
+            finally:
+                llm.preprocess_workers = workers
+            r.pop("outputs")
+            eng["w1_preprocess_workers"] = workers
+            eng[f"w1_with_{args.w1_compare_workers}_preprocess_workers"] = r
+            log(f"W1 with {args.w1_compare_workers} preprocessing threads (W1 above: {workers}): {r['seconds']:.2f} s, "
+                f"{r['out_tok_per_s']:.0f} out tok/s; device {json.dumps({k: v for k, v in r['device'].items() if k not in ('trace', 'note')})}")
 
     if sweep:
         with section("engine W1 sweep"):
@@ -875,7 +969,7 @@ def main(argv=None) -> int:
 
     if args.profile_steps > 0 and device.type == "cuda":
         with section("engine profile"):
-            result["profile"] = run_profile(llm, inputs.requests(2_200_000, args.breakdown_requests),
+            result["profile"] = run_profile(llm, inputs.requests(2_200_000, args.profile_requests or args.breakdown_requests),
                                             max(8, min(args.output_len, 24)), args.profile_steps, device)
             for kind, p in result["profile"].items():
                 log(f"profile {kind}: wall {p['wall_ms_per_step']:.2f} ms, kernels {p['kernel_ms_per_step']:.2f} ms, "

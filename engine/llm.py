@@ -8,7 +8,9 @@ prompt aborts everything the call queued before the error is raised.
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -75,10 +77,13 @@ class LLM:
         # Prompts are processed (tokens, images) and queued while the engine runs: the first few
         # before the first step, the rest while the device computes (see _Feeder). A bad prompt
         # aborts everything this call queued, then raises.
-        feeder = _Feeder(self, zip(prompt_list, params_list), len(prompt_list))
-        feeder.feed(self.FIRST_FEED)
-        feeder.raise_if_failed()
-        return self._run(feeder.order, use_tqdm and not single, feeder)
+        feeder = _Feeder(self, zip(prompt_list, params_list), len(prompt_list), self.preprocess_workers)
+        try:
+            feeder.feed(self.FIRST_FEED)
+            feeder.raise_if_failed()
+            return self._run(feeder.order, use_tqdm and not single, feeder)
+        finally:
+            feeder.close()
 
     def embed(
         self,
@@ -162,6 +167,11 @@ class LLM:
 
     # Prompts processed before the first engine step; the rest are fed in between and during steps.
     FIRST_FEED = 32
+    # Threads that process prompts for generate() ahead of the engine; 0 (the default): on the
+    # calling thread, between and during steps. Worker threads contend for the GIL with the
+    # thread launching the steps: on the H100, W1 with 8 of them took 4.49 s against 3.39 s
+    # without (bench/gpu_throughput.py --w1-compare-workers 0), so they are opt-in.
+    preprocess_workers: int = 0
 
     def _run(self, order: list[str], use_tqdm: bool, feeder: "_Feeder | None" = None) -> list[Any]:
         results: dict[str, Any] = {}
@@ -198,43 +208,80 @@ class LLM:
 class _Feeder:
     """Processes prompts (tokenise, preprocess images) and queues them while the engine runs.
 
-    ``feed(n)`` processes up to n more now; ``idle()`` is handed to ``EngineCore.step`` and runs
-    while the device computes a step, feeding a few more when the waiting queue runs short. A
-    processing error is kept (``error``) and stops feeding: the caller aborts what was queued and
-    raises it, so a bad prompt leaves nothing behind, as if it had been rejected up front.
+    With ``workers`` > 0, a thread pool processes prompts ahead of the engine (images are resized
+    and hashed in C code that releases the GIL, so this runs beside the engine's own host work);
+    results are queued in prompt order, on this thread, since the engine is single-threaded.
+    With 0 workers every prompt is processed on this thread, in ``feed``.
+
+    ``feed(n)`` queues up to n more, waiting for them; ``idle()`` is handed to ``EngineCore.step``
+    and runs while the device computes a step: it queues what is ready (with workers) or processes
+    a few more (without) when the waiting queue runs short. A processing error is kept (``error``)
+    and stops feeding: the caller aborts what was queued and raises it, so a bad prompt leaves
+    nothing behind, as if it had been rejected up front.
     """
 
     PER_IDLE = 64  # enough to fill the next prefill step of a busy engine
 
-    def __init__(self, llm: LLM, items: Any, total: int) -> None:
+    def __init__(self, llm: LLM, items: Any, total: int, workers: int = 0) -> None:
         self.llm = llm
         self.items = iter(items)
         self.total = total
         self.order: list[str] = []
         self.pending = total > 0
         self.error: Exception | None = None
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="vlmserve-feed") if workers > 0 and total > 1 else None
+        # processed ahead of the engine, in prompt order; bounded so images are not all held at once
+        self.ahead: deque[Future] = deque()
+        self.max_ahead = max(self.PER_IDLE, llm.config.scheduler.max_num_seqs)
+        self._submit()
 
-    def feed(self, n: int) -> None:
+    def _submit(self) -> None:
+        while self.pool is not None and len(self.ahead) < self.max_ahead:
+            item = next(self.items, None)
+            if item is None:
+                return
+            self.ahead.append(self.pool.submit(self.llm.processor.process, str(next(self.llm._counter)), *item))
+
+    def _next(self, wait: bool) -> tuple[str | None, EngineRequest] | None:
+        """The next processed prompt (None when there is none, or it is not ready and not wait)."""
+        if self.pool is None:
+            item = next(self.items, None)
+            return None if item is None else self.llm.processor.process(str(next(self.llm._counter)), *item)
+        if not self.ahead or (not wait and not self.ahead[0].done()):
+            return None
+        result = self.ahead.popleft().result()
+        self._submit()
+        return result
+
+    def feed(self, n: int, wait: bool = True) -> None:
         llm = self.llm
         try:
             for _ in range(n):
-                item = next(self.items, None)
-                if item is None:
-                    self.pending = False
-                    return
-                text, req = llm.processor.process(str(next(llm._counter)), *item)
+                got = self._next(wait)
+                if got is None:
+                    break
+                text, req = got
                 llm._add(text, req, OutputKind.FINAL_ONLY)
                 self.order.append(req.request_id)
         except Exception as exc:  # noqa: BLE001 - re-raised by the caller after cleaning up
             self.error = exc
-            self.pending = False
-        if self.error is None and len(self.order) == self.total:
-            self.pending = False
+        if self.error is not None or len(self.order) == self.total:
+            self.close()
 
     def idle(self) -> None:
         sched = self.llm.core.scheduler
         if self.pending and len(sched.waiting) < sched.config.max_num_seqs:
-            self.feed(self.PER_IDLE)
+            self.feed(self.PER_IDLE, wait=False)
+
+    def close(self) -> None:
+        """Stop feeding: drop what was processed ahead and not queued, end the workers."""
+        self.pending = False
+        if self.pool is not None:
+            for fut in self.ahead:
+                fut.cancel()
+            self.ahead.clear()
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
 
     def raise_if_failed(self) -> None:
         """After a processing error: abort what this call queued, then raise the error."""

@@ -29,7 +29,11 @@ _DEVICE_PREPROCESSORS: dict[str, tuple[str, str]] = {
 
 class DevicePreprocessor:
     """Feature data dicts of one modality -> the model's inputs on ``device``; this default
-    moves every tensor there unchanged."""
+    moves every tensor there unchanged, except the ``host_keys``: metadata the model reads on the
+    host (e.g. grid shapes), which would cost a device sync to read back (``tolist`` of a device
+    tensor waits for every kernel queued before it, stalling the launch of a step)."""
+
+    host_keys: frozenset[str] = frozenset()
 
     def __init__(self, config: Any, device: torch.device) -> None:
         self.config = config
@@ -37,7 +41,7 @@ class DevicePreprocessor:
 
     def prepare(self, modality: str, items: Sequence[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         """One input dict per item (same order) with its tensors on the device."""
-        return [{k: to_device_async(v, self.device) for k, v in d.items()} for d in items]
+        return [{k: v if k in self.host_keys else to_device_async(v, self.device) for k, v in d.items()} for d in items]
 
 
 def get_device_preprocessor(config: Any, device: torch.device) -> DevicePreprocessor:

@@ -483,7 +483,8 @@ class ModelRunner:
         for req in batch.sample_reqs:
             if req.params.seed is not None and req.generator is None:
                 req.generator = self.sampler.make_generator(req.params.seed)
-        logits = self.model.compute_logits(hidden[batch.logits_indices])  # [M, vocab]
+        # logits: [M, vocab] in the model's dtype (the sampler upcasts what it computes with)
+        logits = self.model.compute_logits(hidden[batch.logits_indices], upcast=False)
         token_ids, lps = self.sampler.sample(logits, batch.sample_reqs)  # token_ids: [M] int64
         logprobs = {r.request_id: lp for r, lp in zip(batch.sample_reqs, lps) if lp is not None}
         handle = StepHandle(batch, token_ids, logprobs, pooled)

@@ -55,22 +55,27 @@ class Sampler:
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
-        # logits: [M, V] fp32, row r belongs to reqs[r]
+        # logits: [M, V] fp32 or the model dtype (see sample), row r belongs to reqs[r]
         token_ids, logprobs = self.sample(logits, reqs)
         return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs)
 
     def sample(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[torch.Tensor, list[list[TokenLogprob] | None]]:
         """Next tokens left on the device (token_ids: [M] int64, no host sync unless logprobs are
         asked for) and the per-row logprobs."""
+        # logits: [M, V] fp32, or the model's dtype when every row is greedy-ready: argmax of the
+        # half-precision values picks what argmax of their (exact) fp32 copies picks, so a greedy
+        # batch skips the [M, V] upcast; anything that computes with the logits upcasts first.
         num_rows = logits.shape[0]
         params = [r.params for r in reqs]
         want_lp = [p.logprobs for p in params]
         any_lp = any(k is not None for k in want_lp)
+        sample_rows = [r for r, p in enumerate(params) if not p.greedy]
+        if (any_lp or sample_rows) and logits.dtype != torch.float32:
+            logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any_lp else None
         logits = self._apply_penalties(logits, reqs)
 
         token_ids = logits.argmax(dim=-1)
-        sample_rows = [r for r, p in enumerate(params) if not p.greedy]
         if sample_rows:
             if len(sample_rows) == num_rows:
                 token_ids = self._sample(logits, reqs)
@@ -109,13 +114,14 @@ class Sampler:
         # In place: the logits are this step's own (raw logprobs, if asked for, are taken already).
         dev = logits.device
         if pen_rows:
+            logits = logits.float()  # a no-op on fp32 logits
             self._penalise(logits, [reqs[r] for r in pen_rows], pen_rows)
         if min_rows:
             # One scatter of -inf at every (row, stop id) pair of the rows still below min_tokens.
             idx = _h2d([min_rows, min_cols], torch.long, dev)
             # the fill value made on the device: a Python scalar would be copied from pageable
             # memory, a host sync that would wait for the whole forward
-            logits.index_put_((idx[0], idx[1]), torch.full((), float("-inf"), device=dev))
+            logits.index_put_((idx[0], idx[1]), torch.full((), float("-inf"), dtype=logits.dtype, device=dev))
         return logits
 
     @staticmethod

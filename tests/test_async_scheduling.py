@@ -7,6 +7,7 @@ comes back. Each test also checks that chained steps really ran (else it would p
 
 from __future__ import annotations
 
+import pytest
 import tiny_models
 from test_hf_equality import assert_all_blocks_returned
 
@@ -102,21 +103,32 @@ def test_prefix_cache_hits_after_async_decode(tiny_qwen2):
     assert_all_blocks_returned(llm)
 
 
-def test_prompts_fed_while_the_engine_runs(tiny_qwen2):
-    """LLM.generate processes prompts past the first FIRST_FEED while the engine steps: results
-    keep the prompts' order and equal HF; a bad prompt far down the list still raises and leaves
-    nothing queued, and the engine serves the next call."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_prompts_fed_while_the_engine_runs(tiny_qwen2, workers):
+    """LLM.generate queues prompts past the first FIRST_FEED while the engine steps (processed on
+    this thread, or by ``workers`` threads ahead of the engine): results keep the prompts' order
+    and equal HF; a bad prompt far down the list still raises and leaves nothing queued, and the
+    engine serves the next call."""
+    import threading
+
     llm = _llm(tiny_qwen2, True, max_num_seqs=8)
     llm.FIRST_FEED = 4
+    llm.preprocess_workers = workers
     fed_during_steps = [0]
-    orig_process = llm.processor.process
+    threads: set[str] = set()
+    orig_process, orig_add = llm.processor.process, llm.core.add_request
 
     def process(*args):
-        # a prompt processed while a launched step is being computed (between launch and collect)
-        fed_during_steps[0] += llm.core.runner.steps_in_flight > 0
+        threads.add(threading.current_thread().name)
         return orig_process(*args)
 
+    def add_request(req):
+        # a prompt queued while a launched step is being computed (between launch and collect)
+        fed_during_steps[0] += llm.core.runner.steps_in_flight > 0
+        return orig_add(req)
+
     llm.processor.process = process
+    llm.core.add_request = add_request
     orig_launch, orig_collect = llm.core.runner.launch, llm.core.runner.collect
     llm.core.runner.steps_in_flight = 0
 
@@ -135,6 +147,8 @@ def test_prompts_fed_while_the_engine_runs(tiny_qwen2):
     outs = llm.generate([{"prompt_token_ids": p} for p in ids], SamplingParams(temperature=0, max_tokens=6),
                         use_tqdm=False)
     assert fed_during_steps[0] > 0
+    main = threading.current_thread().name
+    assert threads == ({main} if workers == 0 else {t for t in threads if t.startswith("vlmserve-feed")}), threads
     assert [o.prompt_token_ids for o in outs] == ids
     assert [o.outputs[0].token_ids for o in outs] == tiny_models.hf_greedy(tiny_qwen2, ids, 6)
     assert_all_blocks_returned(llm)

@@ -247,6 +247,23 @@ def test_errors(vlm_dir):
         device_pre.prepare("image", [bad])
 
 
+def test_grids_stay_on_the_host(vlm_dir):
+    """Pixels go to the model's device, grids stay host tensors: the tower reads them with
+    ``tolist``, which on a device tensor waits for every kernel queued before it (a stall in the
+    middle of launching a step). "meta" stands in for an accelerator here."""
+    device_pre = get_device_preprocessor(_engine_config(vlm_dir), torch.device("meta"))
+    front = get_mm_processor(_engine_config(vlm_dir), None)
+    data, _, _ = front._image_feature(0, _rgb(56, 84, 3))
+    embeds = {"image_embeds": torch.randn(5, 64), "image_grid_thw": torch.tensor([[1, 2, 10]])}
+    out = device_pre.prepare("image", [data, embeds])
+    assert out[0]["pixel_values"].device.type == "meta" and out[1]["image_embeds"].device.type == "meta"
+    assert out[0]["image_grid_thw"].device.type == "cpu" and out[1]["image_grid_thw"].device.type == "cpu"
+    assert out[0]["image_grid_thw"].tolist() == [[1, 4, 6]]  # _rgb(h=56, w=84): 4 x 6 patches of 14
+    video = {"pixel_values_videos": torch.randn(8, 1176), "video_grid_thw": torch.tensor([[1, 2, 4]])}
+    moved = device_pre.prepare("video", [video])[0]
+    assert moved["pixel_values_videos"].device.type == "meta" and moved["video_grid_thw"].device.type == "cpu"
+
+
 def test_architectures_without_one_just_move_tensors():
     config = types.SimpleNamespace(model=types.SimpleNamespace(architecture="LlavaForConditionalGeneration"))
     pre = get_device_preprocessor(config, torch.device("cpu"))

@@ -657,3 +657,41 @@ def test_too_long_prompt_rejected_before_queuing(tiny_llama):
     assert len(outs[0].outputs[0].token_ids) == 4
     assert len(outs[1].outputs[0].token_ids) == 1 and outs[1].outputs[0].finish_reason == "length"
     assert_pool_clean(small)
+
+
+def test_half_precision_logits_are_upcast_only_where_needed():
+    """The runner hands the sampler logits in the model's dtype: a greedy row's argmax (with
+    min_tokens masking) equals the fp32 argmax of the same values, bit for bit; penalties,
+    sampling and logprobs see fp32 logits, as with fp32 input."""
+    from engine.request import EngineRequest, Request
+    from engine.sampler import Sampler
+
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    g = torch.Generator().manual_seed(0)
+    vocab = 300
+    logits = (torch.randn(6, vocab, generator=g) * 3).to(torch.bfloat16)
+    logits[0, 7] = logits[0, 11] = logits[0].max() + 1  # a tie: the first index wins either way
+
+    def reqs(**kw):
+        out = []
+        for i in range(logits.shape[0]):
+            p = SamplingParams(**kw)
+            p._all_stop_token_ids = {5, int(logits[i].float().argmax())}  # as with_eos sets it
+            req = Request(EngineRequest(f"r{i}", [1, 2, 3], p), 64)
+            if p.seed is not None:  # as the runner does before sampling
+                req.generator = sampler.make_generator(p.seed + i)
+            out.append(req)
+        return out
+
+    for kw in ({"temperature": 0.0}, {"temperature": 0.0, "min_tokens": 3}):
+        half, _ = sampler.sample(logits.clone(), reqs(**kw))
+        full, _ = sampler.sample(logits.float(), reqs(**kw))
+        assert torch.equal(half, full), kw
+    assert sampler.sample(logits.clone(), reqs(temperature=0.0))[0][0].item() == 7
+    # rows that compute with the logits: the same result from bf16 input as from its fp32 copy
+    for kw in ({"temperature": 0.0, "repetition_penalty": 1.3, "presence_penalty": 0.5},
+               {"temperature": 0.0, "logprobs": 3}, {"temperature": 0.8, "seed": 1}):
+        half, lp_half = sampler.sample(logits.clone(), reqs(**kw))
+        full, lp_full = sampler.sample(logits.float(), reqs(**kw))
+        assert torch.equal(half, full), kw
+        assert lp_half == lp_full, kw

@@ -156,10 +156,13 @@ def pack_images(
 class Qwen2VLDevicePreprocessor(DevicePreprocessor):
     """Images given as ``image_u8`` -> ``pixel_values`` + ``image_grid_thw`` on the device, the
     same-size images of one call packed together; every other item's tensors are moved as they are.
+    Grids stay on the host: the tower reads them there (shapes, rotary positions, attention runs).
 
     The settings are the model folder's HF image processor's, read once here. A folder without
     one still serves text and precomputed embeddings (the front end, which reads the same
     settings, refuses pixel images then); ``image_u8`` items raise."""
+
+    host_keys = frozenset({"image_grid_thw", "video_grid_thw"})
 
     def __init__(self, config: Any, device: torch.device) -> None:
         super().__init__(config, device)
@@ -182,7 +185,7 @@ class Qwen2VLDevicePreprocessor(DevicePreprocessor):
 
     def prepare(self, modality: str, items: Sequence[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         """``{"image_u8": [h, w, 3] uint8, "image_grid_thw": [1, 3]}`` -> ``{"pixel_values":
-        [h/p * w/p, C*T*p*p] float32, "image_grid_thw": [1, 3]}`` on the device; others moved."""
+        [h/p * w/p, C*T*p*p] float32, "image_grid_thw": [1, 3]}`` on the device (the grid on the host); others moved."""
         todo = [i for i, d in enumerate(items) if "image_u8" in d] if modality == "image" else []
         if todo and self.spec is None:
             raise ValueError(f"multi_modal_data: image given as pixels, but {self._missing}")

@@ -170,12 +170,14 @@ class CausalLMTextMixin:
         # input_ids: [N]; positions: [N] ([3, N] under M-RoPE); returns hidden states [N, hidden]
         return self.text_lm().model(input_ids, positions, kv_caches, meta, inputs_embeds)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # hidden: [M, hidden] -> logits [M, vocab] in fp32 (a decode batch of <= 8 rows takes the
-        # Triton GEMV, tied or not: the head is Qwen2-VL-2B's largest weight read)
+    def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+        """hidden: [M, hidden] -> logits [M, vocab], in fp32 (``upcast=False``: the model's dtype,
+        for the sampler, which upcasts only what computes with them). A decode batch of <= 8
+        rows takes the Triton GEMV, tied or not: the head is Qwen2-VL-2B's largest weight read."""
         lm = self.text_lm()
         weight = lm.model.embed_tokens.weight if lm.tie_word_embeddings else lm.lm_head.weight
-        return fused_ops.linear(hidden, weight).float()
+        logits = fused_ops.linear(hidden, weight)
+        return logits.float() if upcast else logits
 
 
 class LlamaForCausalLM(CausalLMTextMixin, nn.Module):

@@ -19,10 +19,12 @@ and 5.x alike: ``visual.*``, ``model.layers.*``, ``model.embed_tokens.*``, ``mod
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,6 +37,7 @@ from engine.models.layers import (
     _sign_sin,
     activation,
 )
+from engine.device import to_device_async
 from engine.models.llama import _STACKED, CausalLMTextMixin, LlamaModel
 from kernels import AttentionBackend, fused_ops
 
@@ -53,22 +56,29 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=64)
+def _frame_position_ids(h: int, w: int, merge: int) -> np.ndarray:
+    """(h, w) coordinates of one frame's patches in the processor's order: [h*w, 2] int64."""
+    hpos = np.broadcast_to(np.arange(h).reshape(h // merge, merge, 1, 1), (h // merge, merge, w // merge, merge))
+    wpos = np.broadcast_to(np.arange(w).reshape(1, 1, w // merge, merge), (h // merge, merge, w // merge, merge))
+    # [h/m, m, w/m, m] -> [h/m, w/m, m, m] -> flat
+    out = np.stack([hpos.transpose(0, 2, 1, 3).reshape(-1), wpos.transpose(0, 2, 1, 3).reshape(-1)], axis=-1)
+    out.setflags(write=False)  # shared by every frame of this size
+    return out
+
+
 def _vision_position_ids(grid_thw: list[list[int]], merge: int, device: torch.device) -> torch.Tensor:
-    """(h, w) patch coordinates of every patch, in the processor's patch order: [P, 2].
+    """(h, w) patch coordinates of every patch, in the processor's patch order: [P, 2] int64.
 
     The image processor emits patches merge-block by merge-block (row of blocks, column of blocks,
     then the m x m patches inside a block), so the coordinates are laid out the same way; a
-    video repeats one frame's layout ``t`` times.
+    video repeats one frame's layout ``t`` times. Built on the host (one frame layout per size,
+    cached) and copied once: per-image device ops would cost a dozen launches an image.
     """
-    out = []
-    for t, h, w in grid_thw:
-        hpos = torch.arange(h, device=device).view(h // merge, merge, 1, 1).expand(-1, -1, w // merge, merge)
-        wpos = torch.arange(w, device=device).view(1, 1, w // merge, merge).expand(h // merge, merge, -1, -1)
-        # [h/m, m, w/m, m] -> [h/m, w/m, m, m] -> flat
-        hpos = hpos.permute(0, 2, 1, 3).reshape(-1)
-        wpos = wpos.permute(0, 2, 1, 3).reshape(-1)
-        out.append(torch.stack([hpos, wpos], dim=-1).repeat(t, 1))
-    return torch.cat(out, dim=0)
+    parts = [np.tile(_frame_position_ids(h, w, merge), (t, 1)) if t > 1 else _frame_position_ids(h, w, merge)
+             for t, h, w in grid_thw]
+    pos = np.concatenate(parts) if parts else np.zeros((0, 2), dtype=np.int64)
+    return to_device_async(torch.from_numpy(pos.astype(np.int64, copy=len(parts) == 1)), device)
 
 
 class VisionPatchEmbed(nn.Module):

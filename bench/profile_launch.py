@@ -1,0 +1,83 @@
+"""Where the host's time goes in the engine's step launches during W1: cProfile around every
+``runner.launch`` (prefill-carrying and decode-only steps profiled separately) and around the
+offline feeder, after a warm W1 run.
+
+    PYTHONPATH=. python3 bench/profile_launch.py [--max-num-seqs 512 --max-num-batched-tokens 16384]
+
+A diagnostic for a host-bound step (bench/gpu_throughput.py's device trace shows one: a step's
+device time exceeding its kernels' sum); cProfile slows Python code, so read shares, not seconds.
+Prints the top functions by own time and writes them to $OUT/profile_launch.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import time
+from pathlib import Path
+
+import torch
+
+from bench.gpu_throughput import Inputs, build_model_dir, greedy_params
+from engine import LLM
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--max-num-seqs", type=int, default=512)
+    p.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    p.add_argument("--num-requests", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--tiny", action="store_true", help="tiny model on CPU (checks the script)")
+    args = p.parse_args()
+    device = torch.device("cpu" if args.tiny else "cuda")
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    model_dir = Path(os.environ.get("TMPDIR", "/tmp")) / ("vlmserve-tiny-pl" if args.tiny else "vlmserve-qwen2vl-2b")
+    if not (model_dir / "config.json").exists():
+        hf_model, _ = build_model_dir(model_dir, args.tiny, device, dtype)
+        del hf_model
+    llm = LLM(str(model_dir), dtype=str(dtype).removeprefix("torch."), device=device.type,
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              gpu_memory_utilization=0.85)
+    inputs = Inputs(448, 42)
+    llm.generate(inputs.requests(5_000_000, args.num_requests), greedy_params(args.output_len), use_tqdm=False)
+
+    runner = llm.core.runner
+    orig_launch = runner.launch
+    profs = {"prefill": cProfile.Profile(), "decode": cProfile.Profile()}
+    host = {"prefill": 0.0, "decode": 0.0}
+    counts = {"prefill": 0, "decode": 0}
+
+    def launch(sched_out, *a, **k):
+        kind = "decode" if sched_out.num_batched_tokens == len(sched_out.scheduled) else "prefill"
+        t = time.perf_counter()
+        profs[kind].enable()
+        try:
+            return orig_launch(sched_out, *a, **k)
+        finally:
+            profs[kind].disable()
+            host[kind] += time.perf_counter() - t
+            counts[kind] += 1
+
+    runner.launch = launch
+    t0 = time.perf_counter()
+    llm.generate(inputs.requests(6_000_000, args.num_requests), greedy_params(args.output_len), use_tqdm=False)
+    wall = time.perf_counter() - t0
+    del runner.launch
+    buf = io.StringIO()
+    buf.write(f"W1 under cProfile (launches only): {wall:.2f} s; host seconds in launch {host}, launches {counts}\n")
+    for kind, prof in profs.items():
+        for key in ("tottime", "cumulative"):
+            buf.write(f"\n===== {kind} launches, by {key} =====\n")
+            pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(35)
+    text = buf.getvalue()
+    out = Path(os.environ["OUT"]) / "profile_launch.txt" if os.environ.get("OUT") else Path("/tmp/profile_launch.txt")
+    out.write_text(text)
+    print(text[:60000])
+
+
+if __name__ == "__main__":
+    main()
