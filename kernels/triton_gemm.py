@@ -14,10 +14,14 @@ once to the dtype (cuBLAS's bias epilogue), then the activation with the roundin
 ``kernels.triton_fused._act`` (torch's op sequence). Only the summation order differs from cuBLAS,
 as any two GEMM kernels differ (tests/test_gemm_epilogue.py bounds it like the GEMV's tests).
 
-Tiles come from a per-shape table measured on the H100 by bench/gemm_epilogue_bench.py;
-``fused_ops`` calls these kernels only for shapes whose fused kernel measured faster than
-cuBLAS + the activation kernel, and only for at least ``MIN_M`` rows (decode batches keep cuBLAS /
-the GEMV). Launchers allocate only their output and read shapes from tensors (no host sync).
+Measured on the H100 (bench/gemm_epilogue_bench.py, bench/results/gemm_epilogue_h100.json),
+the best tile of each W1 shape is slower than cuBLAS followed by the activation kernel: fc1 +
+quick_gelu at 56,320 rows 2.06 ms against 1.59 (the plain Triton GEMM alone 1.33 against cuBLAS's
+1.09, and the epilogue, run after the K loop without overlap, adds ~0.7 ms), gate/up + silu at
+16,384 rows 1.82 against 1.57. So no model calls these kernels: they stay as the measured
+baseline for a persistent, warp-specialised version whose epilogue overlaps the next tile's
+loads, which is what fusing needs to pay off. Launchers allocate only their output and read
+shapes from tensors (no host sync).
 """
 
 from __future__ import annotations
@@ -35,8 +39,6 @@ try:  # host-side TMA descriptors (Triton >= 3.3)
 except ImportError:  # pragma: no cover - older triton: fused_ops keeps cuBLAS
     TensorDescriptor = None
 
-MIN_M = 1024  # fewer rows: cuBLAS + the activation kernel (decode, small prefills)
-
 
 @dataclass(frozen=True)
 class GemmConfig:
@@ -53,9 +55,11 @@ class GemmConfig:
 DEFAULT = GemmConfig()
 DEFAULT_GATED = GemmConfig(block_m=128, block_n=128, block_k=64, num_stages=3, num_warps=8)
 
-# (epilogue, N, K) -> measured best config on the H100 (bench/results/gemm_epilogue_h100.json);
-# a shape missing here is not used by fused_ops (cuBLAS measured faster, or never measured).
-TUNED: dict[tuple[str, int, int], GemmConfig] = {}
+# (epilogue, N, K) -> the best config measured on the H100 (bench/results/gemm_epilogue_h100.json)
+TUNED: dict[tuple[str, int, int], GemmConfig] = {
+    ("quick_gelu", 5120, 1280): GemmConfig(128, 256, 64, 4, 8),
+    ("gate_up_silu", 8960, 1536): GemmConfig(128, 128, 64, 4, 8),
+}
 
 
 @triton.jit
