@@ -115,6 +115,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--preprocess-workers", type=int, default=None,
                    help="threads processing prompts in LLM.generate (default: the engine's, LLM.preprocess_workers)")
+    p.add_argument("--w1-compare-eager-vision", action="store_true",
+                   help="after W1, rerun it (fresh images) with big vision passes run eagerly (no chunk graphs)")
     p.add_argument("--w1-compare-workers", type=int, default=None, metavar="N",
                    help="after W1, rerun it (fresh images) with N preprocessing threads (0: the calling thread)")
     p.add_argument("--batch1-tokens", type=int, default=512)
@@ -893,6 +895,19 @@ def main(argv=None) -> int:
         if hf_outputs is not None:
             result["greedy_agreement_engine_vs_hf_default"] = agreement(eng_outputs[: len(hf_outputs)], hf_outputs)
             log(f"agreement with HF: {result['greedy_agreement_engine_vs_hf_default']}")
+
+    vis = getattr(llm.core.runner.model, "visual_runner", None)
+    if args.w1_compare_eager_vision and vis is not None:
+        with section("engine W1, big vision passes eager"):
+            chunk, vis.chunk_patches = vis.chunk_patches, 0
+            try:
+                r = run_w1(llm, inputs.requests(5_500_000, args.num_requests), args.output_len, args.max_num_seqs)
+            finally:
+                vis.chunk_patches = chunk
+            r.pop("outputs")
+            eng["w1_big_vision_passes_eager"] = r
+            log(f"W1 with big vision passes eager (W1 above: chunk graphs of {chunk} patches): {r['seconds']:.2f} s, "
+                f"{r['out_tok_per_s']:.0f} out tok/s; device {json.dumps({k: v for k, v in r['device'].items() if k not in ('trace', 'note')})}")
 
     if args.w1_compare_workers is not None:
         with section("engine W1, other preprocessing threads"):

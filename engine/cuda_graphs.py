@@ -140,30 +140,47 @@ class CudaGraphRunner:
 
 
 class EncoderGraphCache:
-    """CUDA graphs of a vision tower for small passes, keyed by the pass's grids.
+    """CUDA graphs of a vision tower, keyed by the grids of the items they encode.
 
-    A single image's pass through a 32-layer ViT is launch-bound (hundreds of small kernels at
-    ~10 us of host time each) and sits on the time-to-first-token path; graphs replay it in one
-    launch. Large batched passes are compute-bound and run eagerly. Each distinct grid list is
-    captured the first time it is seen, up to ``max_graphs`` of them (then it runs eagerly), in one
-    memory pool: replays never overlap and the output is copied out before the next one.
+    A vision pass through a 32-layer ViT launches hundreds of kernels at ~10-40 us of host time
+    each. For one image that time is the time-to-first-token; in a batched prefill step the
+    device is busy, but the host's launches then compete with everything else it must do before
+    the device runs dry (the next step's inputs, the front end). So every pass replays graphs:
+
+      * a pass of at most ``max_patches`` patches replays one graph keyed by its whole grid list;
+      * a bigger pass is cut into chunks of consecutive items of one grid, each of at most
+        ``chunk_patches`` patches (e.g. 16 images of 448x448), each replaying the graph of its
+        (grid, count) and copied out. The tower must encode items independently (Qwen2-VL's does:
+        attention stays within a frame, everything else is per patch), so chunking leaves each
+        item's output as a pass over all of them computes it, up to GEMM summation order.
+
+    Each distinct key is captured the first time it is seen, up to ``max_graphs`` of them (then
+    it runs eagerly), in one memory pool: replays never overlap and each output is copied out
+    before the next replay. An item bigger than ``chunk_patches`` runs eagerly.
 
     ``tower(pixel_values [P, K], grid: list[[t, h, w]]) -> [P / m^2, hidden]`` must not sync
-    with the host; a tower that fails to capture is run eagerly for that grid from then on.
+    with the host; a tower that fails to capture is run eagerly for that key from then on.
     """
 
-    def __init__(self, tower: torch.nn.Module, *, max_patches: int = 4096, max_graphs: int = 16) -> None:
+    def __init__(self, tower: torch.nn.Module, *, max_patches: int = 4096, chunk_patches: int = 16384,
+                 max_graphs: int = 24) -> None:
         self.tower = tower
         self.max_patches = max_patches
+        self.chunk_patches = chunk_patches
         self.max_graphs = max_graphs
         self.pool = None
         # grid key -> (static input, graph, static output), or None when capture failed
         self.graphs: dict[tuple, tuple[torch.Tensor, torch.cuda.CUDAGraph, torch.Tensor] | None] = {}
 
     def __call__(self, pixel_values: torch.Tensor, grid: list[list[int]]) -> torch.Tensor:
-        key = tuple(tuple(int(v) for v in g) for g in grid)
-        if pixel_values.shape[0] > self.max_patches or not pixel_values.is_cuda:
+        if not pixel_values.is_cuda:
             return self.tower(pixel_values, grid)
+        if pixel_values.shape[0] > self.max_patches:  # chunk_patches=0: big passes run eagerly
+            return self._chunked(pixel_values, grid) if self.chunk_patches else self.tower(pixel_values, grid)
+        return self._replay(pixel_values, grid)
+
+    def _replay(self, pixel_values: torch.Tensor, grid: list[list[int]]) -> torch.Tensor:
+        key = tuple(tuple(int(v) for v in g) for g in grid)
         if key not in self.graphs:
             if len(self.graphs) >= self.max_graphs:
                 return self.tower(pixel_values, grid)
@@ -175,6 +192,22 @@ class EncoderGraphCache:
         static_in.copy_(pixel_values)
         graph.replay()
         return static_out.clone()
+
+    def _chunked(self, pixel_values: torch.Tensor, grid: list[list[int]]) -> torch.Tensor:
+        # pixel_values: [P, K], the items' patch rows back to back -> [P / m^2, hidden]
+        outs: list[torch.Tensor] = []
+        row = i = 0
+        while i < len(grid):
+            g = [int(v) for v in grid[i]]
+            n = g[0] * g[1] * g[2]  # patches of this item
+            j = i + 1
+            while j < len(grid) and [int(v) for v in grid[j]] == g and (j - i + 1) * n <= self.chunk_patches:
+                j += 1
+            rows = pixel_values[row : row + (j - i) * n]
+            outs.append(self.tower(rows, [g]) if n > self.chunk_patches else self._replay(rows, [g] * (j - i)))
+            row += (j - i) * n
+            i = j
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     @torch.inference_mode()
     def _capture(self, example: torch.Tensor, grid: list[list[int]]):

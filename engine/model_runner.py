@@ -112,7 +112,8 @@ class ModelRunner:
             if getattr(self.model, "vision_graphs_ok", False):
                 from engine.cuda_graphs import EncoderGraphCache
 
-                # Small vision passes (one image) are launch-bound too: captured per grid on first use.
+                # Vision passes replay graphs too (one per grid list, or per run of same-size
+                # images of a big pass), captured on first use: see EncoderGraphCache.
                 self.model.visual_runner = EncoderGraphCache(self.model.visual)
 
     # -- KV cache sizing ------------------------------------------------------------------------

@@ -92,6 +92,39 @@ def test_qwen2_vl_image_on_cuda_equals_hf(tmp_path_factory):
     assert vis is not None and vis.graphs and all(entry is not None for entry in vis.graphs.values())
 
 
+def test_vision_pass_replays_chunk_graphs(tmp_path_factory):
+    """A vision pass bigger than EncoderGraphCache.max_patches is cut into runs of same-grid
+    images of at most chunk_patches patches, each replaying its (grid, count) graph: the output
+    equals the eager tower's over the whole pass, with an image bigger than a chunk (eager) in
+    the middle."""
+    import tiny_vlm
+
+    from engine import LLM
+
+    d = tiny_vlm.build_tiny_qwen2_vl(tmp_path_factory.mktemp("gpu_qwen2_vl_chunks"))
+    llm = LLM(str(d), dtype="float32", device="cuda", max_model_len=1024, gpu_memory_utilization=0.3)
+    model = llm.core.runner.model
+    vis = model.visual_runner
+    ip = tiny_vlm.load_image_processor(d)
+    imgs = [tiny_vlm.random_image(56, 84, s) for s in range(5)] + [tiny_vlm.random_image(100, 150, 9),
+                                                                     tiny_vlm.random_image(56, 84, 7)]
+    o = ip(images=imgs, return_tensors="pt")
+    pv, grid = o["pixel_values"].cuda(), o["image_grid_thw"].tolist()
+    per = grid[0][0] * grid[0][1] * grid[0][2]
+    vis.max_patches, vis.chunk_patches = per, 2 * per  # 5 same-size images: chunks of 2, 2, 1
+    vis.graphs.clear()
+    with torch.inference_mode():
+        got = vis(pv, grid)
+        ref = model.visual(pv, grid)
+        again = vis(pv, grid)  # replays only
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got, again)
+    g0, g1 = tuple(grid[0]), tuple(grid[5])
+    assert g1[0] * g1[1] * g1[2] > vis.chunk_patches  # the big image ran eagerly
+    assert set(vis.graphs) == {(g0, g0), (g0,)}
+    assert all(entry is not None for entry in vis.graphs.values())
+
+
 @pytest.mark.parametrize("fixture", ["tiny_llama_gqa", "tiny_qwen2"])
 def test_cuda_graphs_decode_equals_hf_and_eager(fixture, request):
     """Decode-only steps replay CUDA graphs (padded batch sizes: 3 -> 4, 5 -> 8); greedy tokens

@@ -145,6 +145,29 @@ def test_vision_three_images_one_call(ours, hf_model, processor):
     torch.testing.assert_close(got[start : start + single.shape[0]], single, rtol=0, atol=1e-5)
 
 
+def test_vision_chunked_pass_equals_one_pass(ours, processor):
+    """EncoderGraphCache's chunking of a big pass (runs of same-grid images, each at most
+    chunk_patches patches; an image bigger than a chunk alone, eagerly) gives the rows one pass
+    over all images gives. The replay itself needs CUDA (tests/test_gpu_engine.py); here each
+    chunk runs the tower eagerly and the chunks it would replay are recorded."""
+    from engine.cuda_graphs import EncoderGraphCache
+
+    images = [tiny_vlm.random_image(56, 84, seed=s) for s in range(5)] + [
+        tiny_vlm.random_image(100, 150, seed=9), tiny_vlm.random_image(56, 84, seed=7)]
+    inputs = processor(images=images, return_tensors="pt")
+    pv, grid = inputs["pixel_values"], inputs["image_grid_thw"].tolist()
+    per = grid[0][0] * grid[0][1] * grid[0][2]
+    cache = EncoderGraphCache(ours.visual, max_patches=per, chunk_patches=2 * per)
+    replayed = []
+    cache._replay = lambda rows, g: replayed.append(tuple(map(tuple, g))) or ours.visual(rows, g)
+    with torch.no_grad():
+        got = cache._chunked(pv, grid)
+        ref = ours.visual(pv, grid)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    g0 = tuple(grid[0])
+    assert replayed == [(g0, g0), (g0, g0), (g0,), (g0,)]  # 2 + 2 + 1, the big image eager, then 1
+
+
 @torch.no_grad()
 def test_vision_video(ours, hf_model, processor):
     frames = [tiny_vlm.random_image(60, 90, seed=10 + i) for i in range(5)]  # padded to 6 frames

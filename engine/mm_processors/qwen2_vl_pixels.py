@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from engine.device import to_device_async
 from engine.mm_device_preprocessor import DevicePreprocessor
 
 logger = logging.getLogger(__name__)
@@ -197,9 +198,23 @@ class Qwen2VLDevicePreprocessor(DevicePreprocessor):
                 raise ValueError(
                     f"image_grid_thw: {torch.as_tensor(d['image_grid_thw']).tolist()} does not match image_u8 of {w}x{h} (expected {want})"
                 )
-        out = super().prepare(modality, items)
+        pixel_items = set(todo)
+        out = super().prepare(modality, [{k: v for k, v in d.items() if k != "image_u8"} if i in pixel_items else d
+                                         for i, d in enumerate(items)])
         if todo:
-            pixels = pack_images([out[i]["image_u8"] for i in todo], self.spec, max_images_per_op=self.max_images_per_op)
+            u8 = self._upload([torch.as_tensor(items[i]["image_u8"]) for i in todo])
+            pixels = pack_images(u8, self.spec, max_images_per_op=self.max_images_per_op)
             for i, pv in zip(todo, pixels):
                 out[i] = {"pixel_values": pv, "image_grid_thw": out[i]["image_grid_thw"]}  # pv: [P_i, C*T*p*p]
         return out
+
+    def _upload(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Host uint8 images -> the same on the device, through one pinned buffer and one copy
+        (pinning each image alone cost ~0.2 ms of host time an image on the H100 machine)."""
+        if self.device.type != "cuda" or len(images) == 1:
+            return [to_device_async(im, self.device) for im in images]
+        sizes = [im.numel() for im in images]
+        host = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=True)
+        torch.cat([im.reshape(-1) for im in images], out=host)
+        dev = host.to(self.device, non_blocking=True)  # the host allocator keeps `host` until it lands
+        return [v.view(im.shape) for v, im in zip(dev.split(sizes), images)]
