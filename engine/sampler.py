@@ -3,6 +3,8 @@ per-request seeded sampling, and top-k logprobs of the raw distribution (vLLM's 
 
 from __future__ import annotations
 
+import itertools
+
 from dataclasses import dataclass
 
 import torch
@@ -100,15 +102,19 @@ class Sampler:
         min_rows: list[int] = []
         min_cols: list[int] = []
         vocab = logits.shape[1]
+        # runs for every row of every step (512 rows in a big decode batch): kept to cheap tests
         for r, req in enumerate(reqs):
             p = req.params
             if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0:
                 pen_rows.append(r)
             # A token sampled by a step still in flight counts (async scheduling).
-            if p._all_stop_token_ids and req.num_output_tokens + req.num_pending_tokens < p.min_tokens:
-                stops = [t for t in p._all_stop_token_ids if t < vocab]
-                min_rows.extend([r] * len(stops))
+            if p.min_tokens and len(req.output_token_ids) + req.num_pending_tokens < p.min_tokens:
+                stops = p._all_stop_token_ids
+                min_rows.extend(itertools.repeat(r, len(stops)))
                 min_cols.extend(stops)
+        if min_cols and max(min_cols) >= vocab:  # stop ids past the logits' width never sample
+            keep = [i for i, t in enumerate(min_cols) if t < vocab]
+            min_rows, min_cols = [min_rows[i] for i in keep], [min_cols[i] for i in keep]
         if not pen_rows and not min_rows:
             return logits
         # In place: the logits are this step's own (raw logprobs, if asked for, are taken already).
