@@ -14,14 +14,15 @@ once to the dtype (cuBLAS's bias epilogue), then the activation with the roundin
 ``kernels.triton_fused._act`` (torch's op sequence). Only the summation order differs from cuBLAS,
 as any two GEMM kernels differ (tests/test_gemm_epilogue.py bounds it like the GEMV's tests).
 
-Measured on the H100 (bench/gemm_epilogue_bench.py, bench/results/gemm_epilogue_h100.json),
-the best tile of each W1 shape is slower than cuBLAS followed by the activation kernel: fc1 +
-quick_gelu at 56,320 rows 2.06 ms against 1.59 (the plain Triton GEMM alone 1.33 against cuBLAS's
-1.09, and the epilogue, run after the K loop without overlap, adds ~0.7 ms), gate/up + silu at
-16,384 rows 1.82 against 1.57. So no model calls these kernels: they stay as the measured
-baseline for a persistent, warp-specialised version whose epilogue overlaps the next tile's
-loads, which is what fusing needs to pay off. Launchers allocate only their output and read
-shapes from tensors (no host sync).
+Measured on the H100 (bench/gemm_epilogue_bench.py; bench/results/gemm_epilogue_h100.json with
+the activation's exact division and integer rounding, gemm_epilogue_h100_fastact.json with the
+hardware ones the fused kernels use now): the plain Triton GEMM alone trails cuBLAS (fc1 at
+56,320 rows 1.33 against 1.09 ms), and the epilogue runs after the K loop without overlap. The
+ViT's fc1 + quick_gelu stays slower fused (1.53 against cuBLAS + the activation kernel's 1.44
+ms); the LM's gate/up + silu is 4% faster (1.53 against 1.59 ms at 16,384 rows), ~16 ms of a W1
+run. No model calls these kernels yet: they are the measured baseline for a persistent,
+warp-specialised version whose epilogue overlaps the next tile's loads. Launchers allocate only
+their output and read shapes from tensors (no host sync).
 """
 
 from __future__ import annotations
