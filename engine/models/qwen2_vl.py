@@ -309,7 +309,9 @@ def get_mrope_positions(
     ``mrope_delta = max(positions) + 1 - L``: the token at absolute index ``p >= L`` (decode) has
     position ``p + mrope_delta`` in all three rows.
     """
-    ids = [int(i) for i in input_ids]
+    # numpy throughout: this runs in the front end for every prompt (torch's per-op overhead
+    # made it ~0.4 ms of host time a W1 prompt)
+    arr = np.asarray([int(i) for i in input_ids], dtype=np.int64)
     vision = getattr(config, "vision_config", None)
     merge = int(getattr(vision, "spatial_merge_size", 2))
     tokens_per_second = getattr(vision, "tokens_per_second", None)
@@ -318,12 +320,13 @@ def get_mrope_positions(
     if second_per_grid_ts is not None and torch.is_tensor(second_per_grid_ts):
         second_per_grid_ts = second_per_grid_ts.tolist()
 
-    n = len(ids)
-    chunks: list[torch.Tensor] = []
+    n = len(arr)
+    mm_at = np.flatnonzero((arr == image_id) | (arr == video_id))  # placeholder indices, ascending
+    chunks: list[np.ndarray] = []
     cur = 0  # position of the next text token
     i = img_i = vid_i = 0
     while i < n:
-        tok = ids[i]
+        tok = int(arr[i])
         if tok == image_id or tok == video_id:
             is_video = tok == video_id
             grids, k = (videos, vid_i) if is_video else (images, img_i)
@@ -333,17 +336,19 @@ def get_mrope_positions(
             t, h, w = grids[k]
             gh, gw = h // merge, w // merge
             count = t * gh * gw
-            if ids[i : i + count] != [tok] * count:
+            if i + count > n or not bool((arr[i : i + count] == tok).all()):
                 raise ValueError(
                     f"qwen2_vl: grid {grids[k]} needs {count} consecutive placeholder tokens at index {i}"
                 )
             interval = 1.0
             if is_video and tokens_per_second is not None and second_per_grid_ts is not None:
                 interval = float(tokens_per_second) * float(second_per_grid_ts[k])
-            tpos = (torch.arange(t) * interval).long().view(t, 1, 1).expand(t, gh, gw)
-            hpos = torch.arange(gh).view(1, gh, 1).expand(t, gh, gw)
-            wpos = torch.arange(gw).view(1, 1, gw).expand(t, gh, gw)
-            block = torch.stack([tpos, hpos, wpos]).reshape(3, -1) + cur
+            # float32 product, truncated: as torch's ``(arange(t) * interval).long()``
+            tvals = (np.arange(t, dtype=np.float32) * np.float32(interval)).astype(np.int64)
+            shape = (t, gh, gw)
+            block = np.stack([np.broadcast_to(tvals.reshape(t, 1, 1), shape),
+                              np.broadcast_to(np.arange(gh).reshape(1, gh, 1), shape),
+                              np.broadcast_to(np.arange(gw).reshape(1, 1, gw), shape)]).reshape(3, -1) + cur
             chunks.append(block)
             cur = cur + max(gh, gw) if hf5_spatial_advance else int(block.max()) + 1
             if is_video:
@@ -352,10 +357,9 @@ def get_mrope_positions(
                 img_i += 1
             i += count
         else:
-            j = i
-            while j < n and ids[j] != image_id and ids[j] != video_id:
-                j += 1
-            chunks.append((torch.arange(j - i) + cur).view(1, -1).expand(3, -1))
+            nxt = np.searchsorted(mm_at, i)
+            j = int(mm_at[nxt]) if nxt < len(mm_at) else n  # the next placeholder, or the end
+            chunks.append(np.broadcast_to(np.arange(j - i, dtype=np.int64) + cur, (3, j - i)))
             cur += j - i
             i = j
     if img_i != len(images) or vid_i != len(videos):
@@ -365,7 +369,7 @@ def get_mrope_positions(
         )
     if not chunks:
         return torch.zeros(3, 0, dtype=torch.int64), 0
-    positions = torch.cat(chunks, dim=1).to(torch.int64)
+    positions = torch.from_numpy(np.concatenate(chunks, axis=1).astype(np.int64, copy=False))
     delta = int(positions.max()) + 1 - n
     return positions, delta
 
