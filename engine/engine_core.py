@@ -118,6 +118,8 @@ class EngineCore:
         # A step with prompt tokens keeps the device busy long enough to run ``idle`` first, so
         # that what it queues (more prompts) can join the successor; a decode step is too short:
         # the successor is launched first, so that the device has work queued while idle runs.
+        # (Running idle after the successor whenever prompts already wait, feeding 128 at a time,
+        # measured slower on the H100: W1 18.3-19.0k out tok/s against 19.8k in one process.)
         idle_first = idle is not None and sched_out.num_batched_tokens > len(sched_out.scheduled)
         if idle_first:
             idle()
