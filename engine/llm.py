@@ -208,10 +208,11 @@ class LLM:
 class _Feeder:
     """Processes prompts (tokenise, preprocess images) and queues them while the engine runs.
 
-    With ``workers`` > 0, a thread pool processes prompts ahead of the engine (images are resized
-    and hashed in C code that releases the GIL, so this runs beside the engine's own host work);
-    results are queued in prompt order, on this thread, since the engine is single-threaded.
-    With 0 workers every prompt is processed on this thread, in ``feed``.
+    With ``workers`` > 0 (opt-in, ``LLM.preprocess_workers``), a thread pool processes prompts
+    ahead of the engine; results are queued in prompt order, on this thread, since the engine is
+    single-threaded. The workers' Python holds the GIL against the thread launching the steps,
+    which measured slower on the H100 than 0 workers: every prompt processed on this thread, in
+    ``feed``.
 
     ``feed(n)`` queues up to n more, waiting for them; ``idle()`` is handed to ``EngineCore.step``
     and runs while the device computes a step: it queues what is ready (with workers) or processes
