@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from bench.gpu_throughput import cuda_timed
 from kernels import fused_ops
 from kernels import triton_gemm as tg
 
@@ -33,18 +33,8 @@ GATED_CONFIGS = [C(128, 128, 64, 4, 8), C(128, 128, 64, 3, 8), C(128, 128, 32, 4
 
 
 def timed(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        ts.append(s.elapsed_time(e))
-    return statistics.median(ts)
+    """Median milliseconds (bench.gpu_throughput.cuda_timed)."""
+    return 1e3 * cuda_timed(fn, iters)
 
 
 def main() -> None:

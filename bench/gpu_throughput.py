@@ -270,21 +270,24 @@ class Inputs:
 # ---------------------------------------------------------------------------------------------
 
 
-def bench_micro(device: torch.device) -> dict:
-    def timed(fn, iters: int) -> float:
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(iters):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        return statistics.median(times)
+def cuda_timed(fn, iters: int) -> float:
+    """Median seconds of ``fn()`` over ``iters`` calls after 3 warm-ups, by CUDA events."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(times)
 
+
+def bench_micro(device: torch.device) -> dict:
+    timed = cuda_timed
     n = 1 << 30  # 1 Gi bf16 elements: 2 GiB each way
     src = torch.randn(n, dtype=torch.bfloat16, device=device)
     dst = torch.empty_like(src)
@@ -340,6 +343,21 @@ def hf_generate(model, image_processor, reqs: list[dict], out_len: int, device: 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def w1_llm(max_num_seqs: int, max_num_batched_tokens: int, tiny: bool = False) -> LLM:
+    """The W1 engine of the profiling scripts: the Qwen2-VL-2B shape (random bf16 weights, built
+    once under $TMPDIR) on CUDA, or the tiny shape on CPU (a check of the script)."""
+    device = torch.device("cpu" if tiny else "cuda")
+    dtype = torch.float32 if tiny else torch.bfloat16
+    model_dir = Path(os.environ.get("TMPDIR", "/tmp")) / ("vlmserve-qwen2vl-tiny" if tiny else "vlmserve-qwen2vl-2b")
+    if not (model_dir / "config.json").exists():
+        hf_model, _ = build_model_dir(model_dir, tiny, device, dtype)
+        del hf_model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return LLM(str(model_dir), dtype=str(dtype).removeprefix("torch."), device=device.type, max_num_seqs=max_num_seqs,
+               max_num_batched_tokens=max_num_batched_tokens, gpu_memory_utilization=0.85)
 
 
 def greedy_params(n: int) -> SamplingParams:
@@ -896,32 +914,31 @@ def main(argv=None) -> int:
             result["greedy_agreement_engine_vs_hf_default"] = agreement(eng_outputs[: len(hf_outputs)], hf_outputs)
             log(f"agreement with HF: {result['greedy_agreement_engine_vs_hf_default']}")
 
+    def rerun_w1(obj: Any, attr: str, value: Any, start: int, key: str, what: str) -> None:
+        """W1 again (fresh images) with ``obj.attr = value``, restored after; recorded as eng[key]."""
+        kept = getattr(obj, attr)
+        setattr(obj, attr, value)
+        try:
+            r = run_w1(llm, inputs.requests(start, args.num_requests), args.output_len, args.max_num_seqs)
+        finally:
+            setattr(obj, attr, kept)
+        r.pop("outputs")
+        eng[key] = r
+        dev = {k: v for k, v in r["device"].items() if k not in ("trace", "note")}
+        log(f"W1 with {what} (W1 above: {attr}={kept}): {r['seconds']:.2f} s, {r['out_tok_per_s']:.0f} out tok/s; "
+            f"device {json.dumps(dev)}")
+
     vis = getattr(llm.core.runner.model, "visual_runner", None)
     if args.w1_compare_eager_vision and vis is not None:
         with section("engine W1, big vision passes eager"):
-            chunk, vis.chunk_patches = vis.chunk_patches, 0
-            try:
-                r = run_w1(llm, inputs.requests(5_500_000, args.num_requests), args.output_len, args.max_num_seqs)
-            finally:
-                vis.chunk_patches = chunk
-            r.pop("outputs")
-            eng["w1_big_vision_passes_eager"] = r
-            log(f"W1 with big vision passes eager (W1 above: chunk graphs of {chunk} patches): {r['seconds']:.2f} s, "
-                f"{r['out_tok_per_s']:.0f} out tok/s; device {json.dumps({k: v for k, v in r['device'].items() if k not in ('trace', 'note')})}")
+            rerun_w1(vis, "chunk_patches", 0, 5_500_000, "w1_big_vision_passes_eager", "big vision passes eager")
 
     if args.w1_compare_workers is not None:
         with section("engine W1, other preprocessing threads"):
-            workers = llm.preprocess_workers
-            llm.preprocess_workers = args.w1_compare_workers
-            try:
-                r = run_w1(llm, inputs.requests(5_000_000, args.num_requests), args.output_len, args.max_num_seqs)
-            finally:
-                llm.preprocess_workers = workers
-            r.pop("outputs")
-            eng["w1_preprocess_workers"] = workers
-            eng[f"w1_with_{args.w1_compare_workers}_preprocess_workers"] = r
-            log(f"W1 with {args.w1_compare_workers} preprocessing threads (W1 above: {workers}): {r['seconds']:.2f} s, "
-                f"{r['out_tok_per_s']:.0f} out tok/s; device {json.dumps({k: v for k, v in r['device'].items() if k not in ('trace', 'note')})}")
+            eng["w1_preprocess_workers"] = llm.preprocess_workers
+            rerun_w1(llm, "preprocess_workers", args.w1_compare_workers, 5_000_000,
+                     f"w1_with_{args.w1_compare_workers}_preprocess_workers",
+                     f"{args.w1_compare_workers} preprocessing threads")
 
     if sweep:
         with section("engine W1 sweep"):

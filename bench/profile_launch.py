@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bench.gpu_throughput import Inputs, build_model_dir, greedy_params
+from bench.gpu_throughput import Inputs, greedy_params, w1_llm
 from engine import LLM
 
 
@@ -106,14 +106,7 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="tiny model on CPU (checks the script)")
     args = p.parse_args()
     device = torch.device("cpu" if args.tiny else "cuda")
-    dtype = torch.float32 if args.tiny else torch.bfloat16
-    model_dir = Path(os.environ.get("TMPDIR", "/tmp")) / ("vlmserve-tiny-pl" if args.tiny else "vlmserve-qwen2vl-2b")
-    if not (model_dir / "config.json").exists():
-        hf_model, _ = build_model_dir(model_dir, args.tiny, device, dtype)
-        del hf_model
-    llm = LLM(str(model_dir), dtype=str(dtype).removeprefix("torch."), device=device.type,
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              gpu_memory_utilization=0.85)
+    llm = w1_llm(args.max_num_seqs, args.max_num_batched_tokens, args.tiny)
     inputs = Inputs(448, 42)
     llm.generate(inputs.requests(5_000_000, args.num_requests), greedy_params(args.output_len), use_tqdm=False)
 

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench.gpu_throughput import Inputs, build_model_dir, greedy_params
-from engine import LLM
+from bench.gpu_throughput import Inputs, greedy_params, w1_llm
 
 BLOCKING = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize", "cudaMemcpy ",
             "cudaMemcpy", "aten::_local_scalar_dense", "aten::item", "cudaHostAlloc", "cudaMalloc")
@@ -34,13 +33,7 @@ def main() -> None:
     p.add_argument("--num-requests", type=int, default=512)
     p.add_argument("--output-len", type=int, default=128)
     args = p.parse_args()
-    device = torch.device("cuda")
-    model_dir = Path(os.environ.get("TMPDIR", "/tmp")) / "vlmserve-qwen2vl-2b"
-    hf_model, _ = build_model_dir(model_dir, False, device, torch.bfloat16)
-    del hf_model
-    torch.cuda.empty_cache()
-    llm = LLM(str(model_dir), dtype="bfloat16", device="cuda", max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=0.85)
+    llm = w1_llm(args.max_num_seqs, args.max_num_batched_tokens)
     inputs = Inputs(448, 42)
     llm.generate(inputs.requests(5_000_000, args.num_requests), greedy_params(args.output_len), use_tqdm=False)
     reqs = inputs.requests(6_000_000, args.num_requests)

@@ -11,26 +11,16 @@ fp32 summation error of K products (as tests/test_gemv.py).
 
 from __future__ import annotations
 
-import os
-
 import fused_setup
 import pytest
 import torch
 import torch.nn.functional as F
 from fused_setup import interpreter_env  # noqa: F401 (autouse fixture)
 
-DEVICE = fused_setup.setup()
+DEVICE = fused_setup.setup("kernels.triton_gemm")  # in interpreter mode too on CPU
 pytestmark = pytest.mark.gpu
 
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import kernels.triton_gemm as tg
-    finally:
-        if fused_setup._WAS is None:
-            del os.environ["TRITON_INTERPRET"]
-else:
-    import kernels.triton_gemm as tg
+import kernels.triton_gemm as tg  # noqa: E402
 
 import kernels.triton_fused as tf
 

@@ -20,26 +20,16 @@ activation rounding and the same summation order).
 
 from __future__ import annotations
 
-import os
-
 import fused_setup
 import pytest
 import torch
 import torch.nn.functional as F
 from fused_setup import interpreter_env  # noqa: F401 (autouse fixture)
 
-DEVICE = fused_setup.setup()
+DEVICE = fused_setup.setup("kernels.triton_gemv")  # in interpreter mode too on CPU
 pytestmark = pytest.mark.gpu
 
-if DEVICE == "cpu":  # define the GEMV kernel in interpreter mode too (fused_setup did triton_fused)
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import kernels.triton_gemv as tg
-    finally:
-        if fused_setup._WAS is None:
-            del os.environ["TRITON_INTERPRET"]
-else:
-    import kernels.triton_gemv as tg
+import kernels.triton_gemv as tg  # noqa: E402
 
 import kernels.triton_fused as tf
 from kernels import fused_ops
