@@ -10,7 +10,7 @@ these are its *last* tokens, so a query row at position ``p`` sees cached keys `
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -38,9 +38,50 @@ class AttentionMetadata:
     def num_seqs(self) -> int:
         return len(self.seq_lens_cpu)
 
+    # split_decodes()'s result, made on the first layer's call and reused by the others
+    _split: tuple[AttentionMetadata | None, AttentionMetadata | None] | None = field(
+        default=None, init=False, repr=False, compare=False)
+
     @property
     def is_decode_only(self) -> bool:
         return self.max_query_len == 1
+
+    def num_leading_decodes(self) -> int:
+        """How many sequences at the front of the batch have one query token each (the scheduler
+        puts running requests first, so in a mixed step these are its decodes). Since
+        ``query_start_loc[i] - i`` never decreases, it is the last k with ``query_start_loc[k] == k``:
+        a binary search."""
+        qsl = self.query_start_loc_cpu
+        lo, hi = 0, self.num_seqs
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if qsl[mid] == mid:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def split_decodes(self) -> tuple[AttentionMetadata | None, AttentionMetadata | None]:
+        """(the leading one-token sequences, the rest) as metadata of their own, either None when
+        empty. Device tensors are sliced views (no copy, no sync); query rows stay absolute, so
+        both halves index the step's full query and output tensors. A kernel for one-token
+        queries then runs the decodes of a mixed step instead of a prefill kernel whose query
+        tiles would be almost all padding for them."""
+        if self._split is None:
+            n = self.num_seqs if self.max_query_len == 1 else self.num_leading_decodes()
+            if n == 0 or n == self.num_seqs:
+                self._split = (self, None) if n else (None, self)
+            else:
+                decodes = replace(
+                    self, block_tables=self.block_tables[:n], query_start_loc=self.query_start_loc[: n + 1],
+                    seq_lens=self.seq_lens[:n], max_query_len=1, max_seq_len=max(self.seq_lens_cpu[:n]),
+                    query_start_loc_cpu=self.query_start_loc_cpu[: n + 1], seq_lens_cpu=self.seq_lens_cpu[:n])
+                rest = replace(
+                    self, block_tables=self.block_tables[n:], query_start_loc=self.query_start_loc[n:],
+                    seq_lens=self.seq_lens[n:], query_start_loc_cpu=self.query_start_loc_cpu[n:],
+                    seq_lens_cpu=self.seq_lens_cpu[n:])
+                self._split = (decodes, rest)
+        return self._split
 
 
 class AttentionBackend(ABC):

@@ -557,10 +557,14 @@ class TritonBackend(AttentionBackend):
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         if query.shape[0] == 0 or not metadata.seq_lens_cpu:
             return out
-        if metadata.max_query_len == 1:
-            self._decode(query, kv_cache, metadata, scale, out)
-        else:
-            self._prefill(query, kv_cache, metadata, scale, out)
+        # A mixed step's decodes go to the decode kernel: in the prefill kernel each would take
+        # query tiles of up to 128 rows with one real row (on the H200, W1's prefill-attention
+        # time was mostly these).
+        decodes, rest = metadata.split_decodes()
+        if decodes is not None:
+            self._decode(query, kv_cache, decodes, scale, out)
+        if rest is not None:
+            self._prefill(query, kv_cache, rest, scale, out)
         return out
 
     @staticmethod

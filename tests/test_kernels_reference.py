@@ -284,6 +284,34 @@ def clean_registry():
     kreg._INSTANCES.update(saved[2])
 
 
+@pytest.mark.parametrize("qlens,leading", [
+    ([1, 1, 1], 3), ([5, 1, 1], 0), ([1, 1, 7, 1, 3], 2), ([1], 1), ([4], 0), ([1, 2], 1), ([1] * 9 + [2], 9),
+])
+def test_split_decodes(qlens, leading):
+    """The leading one-token sequences and the rest, each as metadata that indexes the same query
+    rows (absolute query_start_loc) with its own block tables and lengths; checked against a
+    plain scan of the query lengths."""
+    seqs = [(ql + 3 * i, ql) for i, ql in enumerate(qlens)]
+    tables, _ = scattered_tables(seqs, 8, torch.Generator().manual_seed(len(qlens)))
+    md = build_metadata(seqs, tables, 8)
+    scan = next((i for i, ql in enumerate(qlens) if ql != 1), len(qlens))
+    assert md.num_leading_decodes() == scan == leading
+    decodes, rest = md.split_decodes()
+    assert md.split_decodes() is md._split  # made once, shared by every layer
+    if leading == 0:
+        assert decodes is None and rest is md
+    elif leading == len(qlens):
+        assert decodes is md and rest is None
+    else:
+        assert decodes.num_seqs == leading and rest.num_seqs == len(qlens) - leading
+        assert decodes.query_start_loc.tolist() == list(range(leading + 1)) == decodes.query_start_loc_cpu
+        assert rest.query_start_loc.tolist() == md.query_start_loc_cpu[leading:] == rest.query_start_loc_cpu
+        assert torch.equal(rest.block_tables, md.block_tables[leading:])
+        assert rest.seq_lens.tolist() == [c for c, _ in seqs[leading:]] == rest.seq_lens_cpu
+        assert decodes.max_seq_len == max(c for c, _ in seqs[:leading]) and decodes.max_query_len == 1
+        assert rest.max_query_len == max(qlens)
+
+
 def test_get_backend_cpu_is_torch_reference():
     b = get_backend("cpu")
     assert isinstance(b, TorchReferenceBackend) and b.name == "torch"

@@ -226,6 +226,42 @@ def test_mixed_batch(block_size, num_heads, num_kv_heads, head_dim, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(12, 2, 128), (8, 4, 64), (16, 16, 80)])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_leading_decodes_then_prefills(block_size, num_heads, num_kv_heads, head_dim, dtype):
+    """A busy mixed step in the scheduler's order: running requests' decodes first (these go to
+    the decode kernel), then fresh prompts and chunks, with a one-token row among them too."""
+    bs = block_size
+    seqs = [(1, 1), (bs + 1, 1), (300, 1), (2 * bs, 1), (1029, 1),  # decodes
+            (298, 298), (5, 5), (700, 129), (3 * bs + 1, 1), (8 * bs + 3, 40)]
+    seed = block_size * 7 + num_heads + head_dim + len(dtype)
+    case = Case(seqs, block_size, num_heads, num_kv_heads, head_dim, DTYPES[dtype], seed=seed)
+    md = check(case, "mixed, leading decodes (split to the decode kernel)")
+    decodes, rest = md.split_decodes()
+    assert decodes.num_seqs == 5 and decodes.max_query_len == 1 and decodes.max_seq_len == 1029
+    assert rest.num_seqs == 5 and rest.query_start_loc_cpu[0] == 5
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_leading_decodes(seed):
+    """Random mixed steps that start with a random number of decode rows."""
+    g = torch.Generator().manual_seed(3000 + seed)
+
+    def rint(lo, hi):
+        return int(torch.randint(lo, hi, (1,), generator=g))
+
+    bs = [8, 16, 32][seed % 3]
+    num_heads, num_kv_heads = HEADS[seed % len(HEADS)]
+    seqs = [(rint(1, 30 * bs), 1) for _ in range(rint(1, 40))]
+    for _ in range(rint(1, 6)):
+        ctx = rint(2, 30 * bs)
+        seqs.append((ctx, ctx if rint(0, 2) else rint(1, ctx + 1)))
+    dtype = [torch.bfloat16, torch.float16][seed % 2]
+    case = Case(seqs, bs, num_heads, num_kv_heads, [64, 128][(seed // 2) % 2], dtype, seed=seed)
+    check(case, "mixed, leading decodes (split to the decode kernel)")
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("num_heads,num_kv_heads", HEADS)
 @pytest.mark.parametrize("block_size", [16, 32])
