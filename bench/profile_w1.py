@@ -12,8 +12,9 @@ the host).
 from __future__ import annotations
 
 import argparse
-import json
 import bisect
+import itertools
+import json
 import os
 import tempfile
 import time
@@ -115,7 +116,7 @@ def device_gaps(trace: dict, min_gap_us: float = 20.0) -> dict:
                  if float(e["ts"]) < b and float(e["ts"]) + float(e["dur"]) > a]
         cuts = sorted({a, b, *[min(max(float(e["ts"]), a), b) for e in cover],
                        *[min(max(float(e["ts"]) + float(e["dur"]), a), b) for e in cover]})
-        for x, y in zip(cuts, cuts[1:]):
+        for x, y in itertools.pairwise(cuts):
             mid = (x + y) / 2
             inside = [e for e in cover if float(e["ts"]) <= mid < float(e["ts"]) + float(e["dur"])]
             phases = [e for e in inside if e.get("cat") == "user_annotation"]
@@ -127,7 +128,7 @@ def device_gaps(trace: dict, min_gap_us: float = 20.0) -> dict:
             charged[f"{phase} | {op}"] += (y - x) / 1e3
         if charged:
             largest.append((round((b - a) / 1e3, 2), round((a - device[0][0]) / 1e3, 1), max(charged, key=charged.get)))
-    top = lambda d: {k: round(v, 2) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:40]}  # noqa: E731
+    top = lambda d: {k: round(v, 2) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:40]}
     return {"idle_ms": round(sum(b - a for a, b in gaps) / 1e3, 2), "gaps": len(gaps), "min_gap_us": min_gap_us,
             "device_span_ms": round((device[-1][1] - device[0][0]) / 1e3, 2),
             "host_phase_during_idle_ms": top(by_phase), "host_op_during_idle_ms": top(by_op),
@@ -182,17 +183,17 @@ def main() -> None:
             blocking[e.name][1] += 1
         host_top[e.name][0] += float(getattr(e, "self_cpu_time_total", 0.0) or 0.0) / 1e3
         host_top[e.name][1] += 1
-    result = dict(
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        wall_s=wall, kernel_s=kernel_ms / 1e3, device_busy_fraction=kernel_ms / 1e3 / wall,
-        blocking_host_calls={k: {"ms": v[0], "calls": v[1]} for k, v in sorted(blocking.items(), key=lambda kv: -kv[1][0])},
-        host_self_time_top={k: {"ms": v[0], "calls": v[1]} for k, v in
+    result = {
+        "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+        "wall_s": wall, "kernel_s": kernel_ms / 1e3, "device_busy_fraction": kernel_ms / 1e3 / wall,
+        "blocking_host_calls": {k: {"ms": v[0], "calls": v[1]} for k, v in sorted(blocking.items(), key=lambda kv: -kv[1][0])},
+        "host_self_time_top": {k: {"ms": v[0], "calls": v[1]} for k, v in
                             sorted(host_top.items(), key=lambda kv: -kv[1][0])[:30]},
-        device_gaps=gaps,
-        kernels_top={k[:160]: {"ms": v[0], "calls": v[1]} for k, v in
+        "device_gaps": gaps,
+        "kernels_top": {k[:160]: {"ms": v[0], "calls": v[1]} for k, v in
                      sorted(kernels.items(), key=lambda kv: -kv[1][0])[:60]},
-        note="kernel_s sums kernel times (overlapping streams would double count; the engine uses one stream)",
-    )
+        "note": "kernel_s sums kernel times (overlapping streams would double count; the engine uses one stream)",
+    }
     out = Path(os.environ["OUT"]) / "profile_w1.json" if os.environ.get("OUT") else Path("bench/results/profile_w1.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k not in ("host_self_time_top", "kernels_top")},

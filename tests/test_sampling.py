@@ -695,3 +695,38 @@ def test_half_precision_logits_are_upcast_only_where_needed():
         full, lp_full = sampler.sample(logits.float(), reqs(**kw))
         assert torch.equal(half, full), kw
         assert lp_half == lp_full, kw
+
+
+@pytest.mark.parametrize("clean_up", [False, True])
+def test_final_outputs_ending_together_decode_like_tokenizer_decode(tok, clean_up, monkeypatch):
+    """Final-only requests that end in the same step are detokenised in one batch
+    (``output_processor.flush_all``); each text must equal ``tokenizer.decode`` of its ids, with
+    and without skipping special tokens, and through HF's own path when the tokenizer cleans up
+    spaces (then flush_all must not take the batch path)."""
+    from engine.engine_core import EngineCoreOutput
+    from engine.output_processor import OutputKind, OutputProcessor
+
+    monkeypatch.setattr(tok, "clean_up_tokenization_spaces", clean_up, raising=False)
+    g = torch.Generator().manual_seed(11)
+    vocab = len(tok)
+    op = OutputProcessor(tok)
+    outs, expected = [], {}
+    for i in range(24):
+        ids = torch.randint(0, vocab, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
+        ids[0] = tok.all_special_ids[0] if i % 3 == 0 else ids[0]  # special tokens to skip or keep
+        params = SamplingParams(max_tokens=len(ids), skip_special_tokens=i % 2 == 0)
+        op.add_request(f"r{i}", "p", [1], {f"r{i}": params}, OutputKind.FINAL_ONLY)
+        outs.append(EngineCoreOutput(f"r{i}", ids, finish_reason="length"))
+        expected[f"r{i}"] = tok.decode(ids, skip_special_tokens=params.skip_special_tokens)
+    calls = []
+    backend = getattr(tok, "_tokenizer", None)
+    if backend is not None:
+        real = backend.decode_batch
+        monkeypatch.setattr(tok, "_tokenizer", type("Spy", (), {
+            "decode_batch": lambda self, *a, **k: calls.append(1) or real(*a, **k),
+            "__getattr__": lambda self, name: getattr(backend, name)})())
+    ready, _ = op.process(outs)
+    assert {o.request_id: o.outputs[0].text for o in ready} == expected
+    assert all(o.finished for o in ready) and len(ready) == 24
+    if backend is not None:
+        assert (len(calls) == 2) == (not clean_up)  # one batch per skip_special_tokens value
