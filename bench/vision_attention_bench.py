@@ -4,7 +4,9 @@ Each W1 image is 1024 patches, 16 heads of head_dim 80; a vision pass attends wi
 so one batched SDPA of [images, 16, 1024, 80] per layer, from q / k / v laid out as the tower
 makes them ([patches, heads, 80] views of the fused qkv). head_dim 80 is no power of two: the
 kernels pad it (cuDNN's to 128, FlashAttention-2's to 96), so which backend wins is measured here
-rather than assumed. Each backend's output is checked against the math backend in float32.
+rather than assumed, beside our Triton kernel (kernels/triton_vit_attention.py: 64 + 16, no
+padding) in each of its launch configs. Each output is checked against the math backend in
+float32.
 
     PYTHONPATH=. python3 bench/vision_attention_bench.py [--images 16]
 
@@ -40,7 +42,9 @@ def main() -> None:
     b, n, h, d = args.images, args.patches, args.heads, args.head_dim
     g = torch.Generator(device=dev).manual_seed(0)
     qkv = torch.randn(b * n, 3, h, d, device=dev, dtype=torch.bfloat16, generator=g)
-    q, k, v = (qkv[:, i].view(b, n, h, d).transpose(1, 2) for i in range(3))  # as the tower passes them
+    # as the tower passes them: q and k contiguous [P, H, D] (from the rotary), v a view of qkv
+    qf, kf, vf = qkv[:, 0].contiguous(), qkv[:, 1].contiguous(), qkv[:, 2]
+    q, k, v = (t.view(b, n, h, d).transpose(1, 2) for t in (qf, kf, vf))
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
     flops = 4 * b * h * n * n * d
     rows = []
@@ -53,6 +57,21 @@ def main() -> None:
             row.update(ms=t * 1e3, tflops=flops / t / 1e12,
                        rel_err=((out.float() - ref).norm() / ref.norm()).item())
         except RuntimeError as exc:  # a backend that refuses the shape
+            row["error"] = str(exc).splitlines()[0][:200]
+        rows.append(row)
+        print(row, flush=True)
+    from kernels.triton_vit_attention import CONFIGS, split_head_dim, vit_attention
+
+    runs = [(0, b * n, b, n)]
+    ref_rows = ref.transpose(1, 2).reshape(b * n, h, d)
+    for cfg in CONFIGS:
+        row = {"backend": f"triton {'+'.join(map(str, split_head_dim(d)))}, (BLOCK_M, BLOCK_N, warps, stages)={cfg}"}
+        try:
+            out = vit_attention(qf, kf, vf, runs, config=cfg)
+            t = cuda_timed(lambda: vit_attention(qf, kf, vf, runs, config=cfg), args.iters)  # noqa: B023
+            row.update(ms=t * 1e3, tflops=flops / t / 1e12,
+                       rel_err=((out.float() - ref_rows).norm() / ref_rows.norm()).item())
+        except Exception as exc:  # noqa: BLE001 - a config that does not compile or fit
             row["error"] = str(exc).splitlines()[0][:200]
         rows.append(row)
         print(row, flush=True)

@@ -316,6 +316,54 @@ def vision_rotary(
     return qk[:, 0], qk[:, 1]
 
 
+def _vit_attention_choice() -> str:
+    choice = os.environ.get("VLMSERVE_VIT_ATTENTION", "sdpa").strip().lower()
+    if choice not in ("sdpa", "triton"):
+        raise ValueError(f"VLMSERVE_VIT_ATTENTION: expected 'sdpa' or 'triton', got {choice!r}")
+    return choice
+
+
+_vit_mod: ModuleType | None | bool = None  # kernels.triton_vit_attention once loaded; False: unusable
+
+
+def vit_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: list[tuple[int, int, int, int]]
+) -> torch.Tensor:
+    """Bidirectional attention within equal-length frames (a vision tower's pass).
+
+    q, k, v: [P, H, D]; runs: (first row, end row, frames, rows per frame) of consecutive
+    equal-length frames -> [P, H, D]. Torch's SDPA, one batched call per run (cuDNN's kernel on
+    CUDA), unless ``VLMSERVE_VIT_ATTENTION=triton`` picks ``kernels.triton_vit_attention`` (no
+    head-dim padding) for fp16 / bf16 CUDA tensors whose head dim it splits.
+    """
+    global _vit_mod
+    n, num_heads, head_dim = q.shape
+    if _fast(q) is not None and q.is_cuda and _vit_attention_choice() == "triton":
+        if _vit_mod is None:
+            import kernels.triton_vit_attention as mod
+
+            _vit_mod = mod
+        try:
+            _vit_mod.split_head_dim(head_dim)  # type: ignore[union-attr]
+        except ValueError:
+            pass
+        else:
+            return _vit_mod.vit_attention(q, k, v, runs)  # type: ignore[union-attr]
+    if len(runs) == 1:
+        _, _, frames, length = runs[0]
+        o = F.scaled_dot_product_attention(
+            *(t.view(frames, length, num_heads, head_dim).transpose(1, 2) for t in (q, k, v))
+        )  # [frames, H, length, D]
+        return o.transpose(1, 2).reshape(n, num_heads, head_dim)
+    out = torch.empty((n, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    for start, end, frames, length in runs:
+        # Frames of equal length (of one or several items): one batched SDPA, frame = batch row.
+        qs, ks, vs = (t[start:end].view(frames, length, num_heads, head_dim).transpose(1, 2) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=False)
+        out[start:end] = o.transpose(1, 2).reshape(end - start, num_heads, head_dim)
+    return out
+
+
 __all__ = [
     "apply_rotary_signed",
     "force_cpu_triton",
@@ -330,4 +378,5 @@ __all__ = [
     "silu_and_mul_linear",
     "silu_mul",
     "vision_rotary",
+    "vit_attention",
 ]

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.device import to_device_async
 from engine.models.layers import (
     LayerNorm,
     _apply_rotary,
@@ -37,7 +38,6 @@ from engine.models.layers import (
     _sign_sin,
     activation,
 )
-from engine.device import to_device_async
 from engine.models.llama import _STACKED, CausalLMTextMixin, LlamaModel
 from kernels import AttentionBackend, fused_ops
 
@@ -114,24 +114,10 @@ class VisionAttention(nn.Module):
         # runs: (first row, end row, frames, patches per frame) of consecutive equal-size frames
         n = x.shape[0]
         qkv = self.qkv(x).view(n, 3, self.num_heads, self.head_dim)
-        dtype = qkv.dtype
         # HF rotates q and k in fp32 and casts back (one fused kernel on CUDA in fp16 / bf16)
         q, k = fused_ops.vision_rotary(qkv, cos, sin)  # [P, H, D] each
-        v = qkv[:, 2]
-        if len(runs) == 1:
-            _, _, frames, length = runs[0]
-            o = F.scaled_dot_product_attention(
-                *(t.view(frames, length, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
-            )  # [frames, H, length, D]
-            return self.proj(o.transpose(1, 2).reshape(n, -1))
-        out = torch.empty((n, self.num_heads, self.head_dim), dtype=dtype, device=x.device)
-        for start, end, frames, length in runs:
-            # Frames of equal length (of one or several items): one batched SDPA, frame = batch row.
-            qs, ks, vs = (t[start:end].view(frames, length, self.num_heads, self.head_dim).transpose(1, 2)
-                          for t in (q, k, v))
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=False)
-            out[start:end] = o.transpose(1, 2).reshape(end - start, self.num_heads, self.head_dim)
-        return self.proj(out.view(n, -1))
+        o = fused_ops.vit_attention(q, k, qkv[:, 2], list(runs))  # [P, H, D]
+        return self.proj(o.reshape(n, -1))
 
 
 class VisionMLP(nn.Module):

@@ -1,0 +1,139 @@
+"""Bidirectional attention within equal-length frames, for vision towers (Triton, CUDA).
+
+A ViT pass attends within each image (frame): rows ``[row0 + f*L, row0 + (f+1)*L)`` of q / k / v
+[P, H, D] see only each other. Qwen2-VL's head_dim is 80, which is no power of two: cuDNN's SDPA
+kernel pads it to 128 and FlashAttention-2's to 96, so a third or a sixth of their matrix work
+multiplies zeros. Here a head is split into a power-of-two part and a power-of-two remainder
+(80 = 64 + 16), each its own ``tl.dot``: s = q_a k_a^T + q_b k_b^T, o_a = p v_a, o_b = p v_b, so
+every multiply is on real data. Otherwise FlashAttention's forward: online softmax over key
+tiles in the exp2 domain, fp32 accumulators, p rounded to the input dtype for the PV product.
+
+q / k / v are any [P, H, D] views with unit stride on D (e.g. v = qkv[:, 2] of a fused qkv
+projection); the output is a new contiguous [P, H, D]. Launchers take shapes from the tensors (no
+host sync), so a vision pass with them can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+def split_head_dim(d: int) -> tuple[int, int]:
+    """(power-of-two part, power-of-two remainder or 0) of a head dim, or raise if it has no such
+    split (e.g. 80 -> (64, 16), 64 -> (64, 0), 96 -> (64, 32); 72 -> (64, 8) is refused: tl.dot
+    needs at least 16 along K)."""
+    a = 1 << (d.bit_length() - 1)
+    b = d - a
+    if a < 16 or (b and (b & (b - 1) or b < 16)):
+        raise ValueError(f"head_dim {d} is not a power of two (>= 16) plus zero or a power of two >= 16")
+    return a, b
+
+
+@triton.jit
+def _vit_attn_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr,
+    row0, seq_len, num_heads,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    qk_scale,
+    DA: tl.constexpr,
+    DB: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    EVEN: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    fh = tl.program_id(1)
+    frame = fh // num_heads
+    head = fh % num_heads
+    base = (row0 + frame * seq_len).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < seq_len
+    rows = base + offs_m
+    da = tl.arange(0, DA)
+    qa = tl.load(q_ptr + rows[:, None] * stride_qt + head * stride_qh + da[None, :], mask=m_mask[:, None], other=0.0)
+    if DB > 0:
+        db = DA + tl.arange(0, DB)
+        qb = tl.load(q_ptr + rows[:, None] * stride_qt + head * stride_qh + db[None, :], mask=m_mask[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
+    if DB > 0:
+        acc_b = tl.zeros([BLOCK_M, DB], dtype=tl.float32)
+    for start_n in range(0, seq_len, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        krows = base + offs_n
+        if EVEN:
+            n_mask = offs_n >= 0
+        else:
+            n_mask = offs_n < seq_len
+        ka = tl.load(k_ptr + krows[None, :] * stride_kt + head * stride_kh + da[:, None], mask=n_mask[None, :], other=0.0)
+        s = tl.dot(qa, ka)  # [M, N]
+        if DB > 0:
+            kb = tl.load(k_ptr + krows[None, :] * stride_kt + head * stride_kh + db[:, None], mask=n_mask[None, :], other=0.0)
+            s = tl.dot(qb, kb, s)
+        s = s * qk_scale
+        if not EVEN:
+            s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p = p.to(v_ptr.dtype.element_ty)
+        va = tl.load(v_ptr + krows[:, None] * stride_vt + head * stride_vh + da[None, :], mask=n_mask[:, None], other=0.0)
+        acc_a = tl.dot(p, va, acc_a * alpha[:, None])
+        if DB > 0:
+            vb = tl.load(v_ptr + krows[:, None] * stride_vt + head * stride_vh + db[None, :], mask=n_mask[:, None], other=0.0)
+            acc_b = tl.dot(p, vb, acc_b * alpha[:, None])
+        m_i = m_new
+
+    inv = 1.0 / l_i
+    out_rows = rows[:, None] * stride_ot + head * stride_oh
+    tl.store(o_ptr + out_rows + da[None, :], (acc_a * inv[:, None]).to(o_ptr.dtype.element_ty), mask=m_mask[:, None])
+    if DB > 0:
+        tl.store(o_ptr + out_rows + db[None, :], (acc_b * inv[:, None]).to(o_ptr.dtype.element_ty), mask=m_mask[:, None])
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages): H200 measurements pick the default
+CONFIGS = ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 2))
+DEFAULT_CONFIG = CONFIGS[0]
+
+
+def vit_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    runs: list[tuple[int, int, int, int]] | None = None,
+    scale: float | None = None,
+    config: tuple[int, int, int, int] = DEFAULT_CONFIG,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v within frames. q, k, v: [P, H, D] (unit stride on D); runs:
+    (first row, end row, frames, rows per frame) of consecutive equal-length frames (default: one
+    frame of all P rows); returns [P, H, D] (``out`` if given)."""
+    p_rows, num_heads, d = q.shape
+    da, db = split_head_dim(d)
+    if not (k.shape == v.shape == q.shape and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1):
+        raise ValueError(f"vit_attention: q, k, v must be [P, H, D] with unit stride on D, got "
+                         f"{tuple(q.shape)} {tuple(k.shape)} {tuple(v.shape)}")
+    if out is None:
+        out = torch.empty((p_rows, num_heads, d), dtype=q.dtype, device=q.device)
+    scale = d**-0.5 if scale is None else scale
+    block_m, block_n, warps, stages = config
+    for start, end, frames, length in runs or [(0, p_rows, 1, p_rows)]:
+        assert (end - start) == frames * length, "a run is whole frames"
+        grid = (triton.cdiv(length, block_m), frames * num_heads)
+        _vit_attn_kernel[grid](
+            q, k, v, out, start, length, num_heads,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+            scale * _LOG2E,
+            DA=da, DB=db, BLOCK_M=block_m, BLOCK_N=block_n, EVEN=length % block_n == 0,
+            num_warps=warps, num_stages=stages,
+        )
+    return out
+
+
+__all__ = ["CONFIGS", "DEFAULT_CONFIG", "split_head_dim", "vit_attention"]
