@@ -53,7 +53,7 @@ def main() -> None:
         try:
             with sdpa_kernel([backend]):
                 out = F.scaled_dot_product_attention(q, k, v)
-                t = cuda_timed(lambda: F.scaled_dot_product_attention(q, k, v), args.iters)  # noqa: B023
+                t = cuda_timed(lambda: F.scaled_dot_product_attention(q, k, v), args.iters)
             row.update(ms=t * 1e3, tflops=flops / t / 1e12,
                        rel_err=((out.float() - ref).norm() / ref.norm()).item())
         except RuntimeError as exc:  # a backend that refuses the shape
