@@ -788,6 +788,7 @@ def main(argv=None) -> int:
                          max_num_batched_tokens=args.max_num_batched_tokens,
                          gpu_memory_utilization=args.gpu_memory_utilization,
                          async_scheduling=not args.no_async_scheduling),
+        environment={k: os.environ[k] for k in ("VLMSERVE_VIT_ATTENTION", "VLMSERVE_FUSED_KERNELS") if k in os.environ},
         architecture_md_baselines=ARCH_BASELINES, sections_seconds={}, errors={},
     )
     try:
