@@ -7,7 +7,7 @@ heads, 2 KV heads, head_dim 128, bf16, 16-token blocks, scattered block ids), as
 ``--iters`` calls (GPU time alone), and reports microseconds per call and the KV bytes read per
 second. The default configuration is the first row of each batch.
 
-    PYTHONPATH=. python3 bench/decode_attention_sweep.py [--out $OUT/decode_sweep.json]
+    PYTHONPATH=. python3 bench/decode_attention_sweep.py [--splits 2,3,4] [--out $OUT/decode_sweep.json]
 """
 
 from __future__ import annotations
@@ -44,27 +44,33 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--splits", default="", metavar="N,...",
+                    help="also force these split-K counts on the first (W1) batch, beside the heuristic's")
     args = ap.parse_args()
+    forced = [int(x) for x in args.splits.split(",") if x]
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     default = (TritonBackend.DECODE_BLOCK_N, TritonBackend.DECODE_WARPS, TritonBackend.DECODE_STAGES)
     configs = [default] + [c for c in itertools.product((32, 64, 128), (4, 8), (2, 3, 4)) if c != default]
     results = {}
-    for name, (seqs, grid_len) in batches().items():
+    for b_index, (name, (seqs, grid_len)) in enumerate(batches().items()):
         query, cache, md = make_batch(seqs)
         if grid_len is not None:
             md.max_seq_len = grid_len
         kv_bytes = sum(ctx for ctx, _ in seqs) * 2 * HKV * D * cache.element_size()
         rows = []
-        for bn, warps, stages in configs:
+        for (bn, warps, stages), split in itertools.product(configs, [None] + (forced if b_index == 0 else [])):
             be = TritonBackend()
             be.DECODE_BLOCK_N, be.DECODE_WARPS, be.DECODE_STAGES = bn, warps, stages
+            if split is not None:
+                be.num_decode_splits = lambda *a, _s=split, **k: _s
+            chosen = be.num_decode_splits(md.num_seqs, HKV, md.max_seq_len, query.device, bn)
             try:
-                us = time_graph(lambda: be.attend(query, cache, md, 0.088), args.iters, args.repeats)
+                us = time_graph(lambda: be.attend(query, cache, md, 0.088), args.iters, args.repeats)  # noqa: B023
             except Exception as exc:  # noqa: BLE001 - a config that does not compile (shared memory)
-                rows.append(dict(block_n=bn, warps=warps, stages=stages, error=str(exc)[:120]))
+                rows.append(dict(block_n=bn, warps=warps, stages=stages, splits=chosen, error=str(exc)[:120]))
                 continue
-            rows.append(dict(block_n=bn, warps=warps, stages=stages, us=us, GBps=kv_bytes / us / 1e3))
+            rows.append(dict(block_n=bn, warps=warps, stages=stages, splits=chosen, us=us, GBps=kv_bytes / us / 1e3))
         ok = [r for r in rows if "us" in r]
         best = min(ok, key=lambda r: r["us"])
         results[name] = dict(kv_bytes=kv_bytes, default=rows[0], best=best, all=rows)
@@ -72,8 +78,10 @@ def main() -> None:
               f"best {best['us']:.1f} us ({best['GBps']:.0f} GB/s) at BLOCK_N={best['block_n']} "
               f"warps={best['warps']} stages={best['stages']}", flush=True)
         for r in sorted(ok, key=lambda r: r["us"])[:6]:
-            print(f"    {r['us']:8.1f} us {r['GBps']:7.0f} GB/s  BLOCK_N={r['block_n']} warps={r['warps']} stages={r['stages']}")
-    out = Path(args.out) if args.out else REPO_ROOT / "bench/results/decode_attention_sweep_h100.json"
+            print(f"    {r['us']:8.1f} us {r['GBps']:7.0f} GB/s  BLOCK_N={r['block_n']} warps={r['warps']} "
+                  f"stages={r['stages']} splits={r['splits']}")
+    card = torch.cuda.get_device_name(0).split()[1].lower() if len(torch.cuda.get_device_name(0).split()) > 1 else "gpu"
+    out = Path(args.out) if args.out else REPO_ROOT / f"bench/results/decode_attention_sweep_{card}.json"
     out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(0), block_size=BS, results=results), indent=2) + "\n")
     print(f"wrote {out}")
 
