@@ -11,6 +11,8 @@ Public API:
   ``url``, ``port``, ``grpc_port``, ``wait_ready()`` (polls /v2/health/ready; ``saw_not_ready``
   tells whether it answered "not ready" meanwhile), ``tail()`` and ``stop()``. Test modules
   subclass it for their own command line and helpers.
+* ``post_and_hang_up(url, path, body, until, headers=None)``: a client that gives up on a
+  non-streaming request once ``until()`` holds (e.g. the server counts it as running).
 * ``running(server, make_offline=None)`` -> context manager for a module fixture: sets
   ``server.offline = make_offline()`` (the offline reference loads while the server starts),
   waits until the server is ready, yields it and stops it at the end.
@@ -48,6 +50,29 @@ def server_env(api_key: str | None = None, **extra: str) -> dict[str, str]:
     env.update(extra)
     env["PYTHONPATH"] = str(REPO)
     return env
+
+
+def post_and_hang_up(
+    url: str, path: str, body: dict[str, Any], until: Callable[[], bool],
+    headers: dict[str, str] | None = None, timeout: float = 10.0,
+) -> None:
+    """POST ``body`` as JSON on a raw connection, wait until ``until()`` holds, then close the
+    connection without reading the answer: a client giving up at a moment the test controls, not
+    after a client timeout that a fast enough engine could beat by finishing the request first."""
+    import json
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    payload = json.dumps(body).encode()
+    head = [f"POST {path} HTTP/1.1", f"Host: {parts.netloc}", "Content-Type: application/json",
+            f"Content-Length: {len(payload)}", *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    with socket.create_connection((parts.hostname, parts.port), timeout=timeout) as conn:
+        conn.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + payload)
+        deadline = time.monotonic() + timeout
+        while not until():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"post_and_hang_up: the condition did not hold within {timeout} s")
+            time.sleep(0.02)
 
 
 class ServerProcess:

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from server_harness import ServerProcess, running, server_env
+from server_harness import ServerProcess, post_and_hang_up, running, server_env
 
 from engine import LLM, SamplingParams
 
@@ -229,6 +229,13 @@ def test_bad_inputs_get_openai_errors(server, client):
     assert client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3).usage.completion_tokens == 3
 
 
+def _aborted(server) -> float:
+    """vllm:request_success_total{finished_reason="abort"} (0 before the first abort)."""
+    text = httpx.get(f"{server.url}/metrics", timeout=5).text
+    m = re.search(r'^vllm:request_success_total\{[^}]*finished_reason="abort"[^}]*\} (\S+)$', text, re.MULTILINE)
+    return float(m.group(1)) if m else 0.0
+
+
 def _wait_gauge(server, value: float, timeout: float) -> float:
     start = time.monotonic()
     while time.monotonic() - start < timeout:
@@ -248,11 +255,13 @@ def test_client_disconnect_aborts_engine_request(server):
         assert len(data) == 3 and server.gauge() == 1.0
     assert _wait_gauge(server, 0.0, timeout=10) < 5
 
-    # A non-streaming request whose client gives up is cancelled too.
+    # A non-streaming request whose client gives up (once the engine runs it) is cancelled too:
+    # counted as aborted, not left to run its 900 tokens.
+    aborted = _aborted(server)
     chat = {"model": "tiny", "messages": MESSAGES, "max_tokens": 900, "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.url}/v1/chat/completions", json=chat, headers=AUTH, timeout=1.0)
+    post_and_hang_up(server.url, "/v1/chat/completions", chat, lambda: server.gauge() == 1.0, AUTH)
     assert _wait_gauge(server, 0.0, timeout=10) < 5
+    assert _aborted(server) == aborted + 1
 
 
 def test_sigterm_drains_in_flight_and_exits_zero(server):
