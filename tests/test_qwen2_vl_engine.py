@@ -434,3 +434,22 @@ def test_async_corrupt_image_fails_alone(vlm_dir, ref):
         assert eng.is_running
     finally:
         eng.shutdown()
+
+
+def test_engine_is_freed_without_the_cyclic_collector(vlm_dir):
+    """Objects alive at engine start are frozen out of the cyclic GC (engine_core.freeze_heap), so
+    an engine dropped later must be freed by reference counting alone: no reference cycles, or
+    its weights (and on a GPU, its KV cache) would stay allocated after ``del``."""
+    import gc
+    import weakref
+
+    llm = LLM(str(vlm_dir), dtype="float32", device="cpu", max_model_len=1024, max_num_seqs=4)
+    llm.generate(mm(make_prompt(1), [IMG_A]), GREEDY)
+    refs = [weakref.ref(o) for o in (llm, llm.core, llm.core.runner, llm.core.runner.model,
+                                     next(llm.core.runner.model.parameters()))]
+    gc.disable()  # only reference counting may free them
+    try:
+        del llm
+        assert [r() is None for r in refs] == [True] * len(refs)
+    finally:
+        gc.enable()
