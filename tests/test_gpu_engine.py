@@ -197,3 +197,35 @@ def test_prefill_graphs_equal_hf(fixture, request):
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == tiny_models.hf_greedy(model_dir, prompts[:2], MAX_TOKENS)
     assert replays == []  # two sequences in one step: eager
+
+
+def test_dropped_engine_frees_the_gpu(tmp_path_factory):
+    """The heap is frozen out of the cyclic GC at engine start (engine_core.freeze_heap): an engine
+    with every kind of CUDA graph captured must still be freed by reference counting alone, its
+    KV cache and weights released on ``del``."""
+    import gc
+    import weakref
+
+    import tiny_vlm
+
+    from engine import LLM, SamplingParams
+
+    d = tiny_vlm.build_tiny_qwen2_vl(tmp_path_factory.mktemp("gpu_qwen2_vl_free"))
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    llm = LLM(str(d), dtype="float32", device="cuda", max_model_len=1024, gpu_memory_utilization=0.3)
+    img = tiny_vlm.random_image(100, 150, 1)
+    prompt = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe.<|im_end|>\n<|im_start|>assistant\n"
+    llm.generate([{"prompt": prompt, "multi_modal_data": {"image": img}}] * 3 + ["Hello there"],
+                 SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)
+    held = torch.cuda.memory_allocated() - base
+    assert held > 1 << 30  # 0.3 of the GPU's memory, mostly KV cache
+    refs = [weakref.ref(o) for o in (llm, llm.core.runner, llm.core.runner.model)]
+    gc.disable()  # only reference counting may free it
+    try:
+        del llm
+        assert [r() is None for r in refs] == [True] * len(refs)
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() - base < held / 100
+    finally:
+        gc.enable()
