@@ -202,7 +202,8 @@ def test_prefill_graphs_equal_hf(fixture, request):
 def test_dropped_engine_frees_the_gpu(tmp_path_factory):
     """The heap is frozen out of the cyclic GC at engine start (engine_core.freeze_heap): an engine
     with every kind of CUDA graph captured must still be freed by reference counting alone, its
-    KV cache and weights released on ``del``."""
+    KV cache and weights released on ``del``. (Added with the freeze; no device time was left to
+    run it in that session.)"""
     import gc
     import weakref
 
@@ -219,7 +220,8 @@ def test_dropped_engine_frees_the_gpu(tmp_path_factory):
     llm.generate([{"prompt": prompt, "multi_modal_data": {"image": img}}] * 3 + ["Hello there"],
                  SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)
     held = torch.cuda.memory_allocated() - base
-    assert held > 1 << 30  # 0.3 of the GPU's memory, mostly KV cache
+    kv_bytes = sum(t.numel() * t.element_size() for t in llm.core.runner.kv_caches)
+    assert held >= kv_bytes > 0
     refs = [weakref.ref(o) for o in (llm, llm.core.runner, llm.core.runner.model)]
     gc.disable()  # only reference counting may free it
     try:
