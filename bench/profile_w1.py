@@ -92,7 +92,9 @@ def device_gaps(trace: dict, min_gap_us: float = 20.0) -> dict:
         if e.get("cat") == "cuda_runtime":
             runtime_tids[(e.get("pid"), e.get("tid"))] += 1
     main_tid = max(runtime_tids, key=runtime_tids.get) if runtime_tids else None
-    host = [e for e in events if (e.get("pid"), e.get("tid")) == main_tid
+    # host events of that thread as (start, end, is a phase, name), microseconds
+    host = [(float(e["ts"]), float(e["ts"]) + float(e["dur"]), e.get("cat") == "user_annotation", e["name"])
+            for e in events if (e.get("pid"), e.get("tid")) == main_tid
             and e.get("cat") in ("user_annotation", "cpu_op", "cuda_runtime")]
     gaps, end = [], device[0][1]
     for start, stop in device[1:]:
@@ -102,9 +104,9 @@ def device_gaps(trace: dict, min_gap_us: float = 20.0) -> dict:
     # charge each gap's microseconds to the innermost covering host event of each kind, by
     # sweeping the gap against the host intervals that overlap it
     # long host events (phases, blocking calls) are few: always checked; short ones by bisect
-    long_host = [e for e in host if float(e["dur"]) > 1000.0]
-    host = sorted((e for e in host if float(e["dur"]) <= 1000.0), key=lambda e: float(e["ts"]))
-    starts = [float(e["ts"]) for e in host]
+    long_host = [e for e in host if e[1] - e[0] > 1000.0]
+    host = sorted(e for e in host if e[1] - e[0] <= 1000.0)
+    starts = [e[0] for e in host]
     by_phase: dict[str, float] = defaultdict(float)
     by_op: dict[str, float] = defaultdict(float)
     largest = []
@@ -112,17 +114,14 @@ def device_gaps(trace: dict, min_gap_us: float = 20.0) -> dict:
         charged: dict[str, float] = defaultdict(float)
         lo = bisect.bisect_left(starts, a - 1000.0)
         hi = bisect.bisect_right(starts, b)
-        cover = [e for e in (*host[lo:hi], *long_host)
-                 if float(e["ts"]) < b and float(e["ts"]) + float(e["dur"]) > a]
-        cuts = sorted({a, b, *[min(max(float(e["ts"]), a), b) for e in cover],
-                       *[min(max(float(e["ts"]) + float(e["dur"]), a), b) for e in cover]})
+        cover = [e for e in (*host[lo:hi], *long_host) if e[0] < b and e[1] > a]
+        cuts = sorted({a, b, *[min(max(t, a), b) for e in cover for t in e[:2]]})
         for x, y in itertools.pairwise(cuts):
             mid = (x + y) / 2
-            inside = [e for e in cover if float(e["ts"]) <= mid < float(e["ts"]) + float(e["dur"])]
-            phases = [e for e in inside if e.get("cat") == "user_annotation"]
-            ops = [e for e in inside if e.get("cat") != "user_annotation"]
-            phase = max(phases, key=lambda e: float(e["ts"]))["name"] if phases else "(no phase)"
-            op = max(ops, key=lambda e: float(e["ts"]))["name"] if ops else "(python)"
+            inside = [e for e in cover if e[0] <= mid < e[1]]
+            # innermost: the latest-starting covering event of each kind
+            phase = max((e for e in inside if e[2]), default=(0, 0, True, "(no phase)"))[3]
+            op = max((e for e in inside if not e[2]), default=(0, 0, False, "(python)"))[3]
             by_phase[phase] += (y - x) / 1e3
             by_op[f"{phase} | {op}"] += (y - x) / 1e3
             charged[f"{phase} | {op}"] += (y - x) / 1e3

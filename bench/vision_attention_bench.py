@@ -47,34 +47,34 @@ def main() -> None:
     q, k, v = (t.view(b, n, h, d).transpose(1, 2) for t in (qf, kf, vf))
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
     flops = 4 * b * h * n * n * d
-    rows = []
-    for name, backend in BACKENDS.items():
-        row: dict = {"backend": name}
-        try:
-            with sdpa_kernel([backend]):
-                out = F.scaled_dot_product_attention(q, k, v)
-                t = cuda_timed(lambda: F.scaled_dot_product_attention(q, k, v), args.iters)
-            row.update(ms=t * 1e3, tflops=flops / t / 1e12,
-                       rel_err=((out.float() - ref).norm() / ref.norm()).item())
-        except RuntimeError as exc:  # a backend that refuses the shape
-            row["error"] = str(exc).splitlines()[0][:200]
-        rows.append(row)
-        print(row, flush=True)
     from kernels.triton_vit_attention import CONFIGS, split_head_dim, vit_attention
 
+    ref_rows = ref.transpose(1, 2).reshape(b * n, h, d)  # the Triton kernel's [P, H, D] layout
     runs = [(0, b * n, b, n)]
-    ref_rows = ref.transpose(1, 2).reshape(b * n, h, d)
-    for cfg in CONFIGS:
-        row = {"backend": f"triton {'+'.join(map(str, split_head_dim(d)))}, (BLOCK_M, BLOCK_N, warps, stages)={cfg}"}
+    rows = []
+
+    def measure(name: str, fn, expected: torch.Tensor) -> None:
+        row: dict = {"backend": name}
         try:
-            out = vit_attention(qf, kf, vf, runs, config=cfg)
-            t = cuda_timed(lambda: vit_attention(qf, kf, vf, runs, config=cfg), args.iters)  # noqa: B023
+            out = fn()
+            t = cuda_timed(fn, args.iters)
             row.update(ms=t * 1e3, tflops=flops / t / 1e12,
-                       rel_err=((out.float() - ref_rows).norm() / ref_rows.norm()).item())
-        except Exception as exc:  # noqa: BLE001 - a config that does not compile or fit
+                       rel_err=((out.float() - expected).norm() / expected.norm()).item())
+        except Exception as exc:  # noqa: BLE001 - a backend that refuses the shape, a config that does not fit
             row["error"] = str(exc).splitlines()[0][:200]
         rows.append(row)
         print(row, flush=True)
+
+    for name, backend in BACKENDS.items():
+        def sdpa(backend=backend):
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, k, v)
+
+        measure(name, sdpa, ref)
+    split = "+".join(map(str, split_head_dim(d)))
+    for cfg in CONFIGS:
+        measure(f"triton {split}, (BLOCK_M, BLOCK_N, warps, stages)={cfg}",
+                lambda cfg=cfg: vit_attention(qf, kf, vf, runs, config=cfg), ref_rows)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "shape": {"images": b, "patches": n, "heads": h, "head_dim": d}, "rows": rows}
     out = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path("bench/results")

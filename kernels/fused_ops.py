@@ -316,14 +316,22 @@ def vision_rotary(
     return qk[:, 0], qk[:, 1]
 
 
-def _vit_attention_choice() -> str:
-    choice = os.environ.get("VLMSERVE_VIT_ATTENTION", "sdpa").strip().lower()
-    if choice not in ("sdpa", "triton"):
-        raise ValueError(f"VLMSERVE_VIT_ATTENTION: expected 'sdpa' or 'triton', got {choice!r}")
-    return choice
+_vit_choice: str | None = None  # VLMSERVE_VIT_ATTENTION, read on the first vision pass
 
 
-_vit_mod: ModuleType | None | bool = None  # kernels.triton_vit_attention once loaded; False: unusable
+def _vit_triton_module() -> ModuleType | None:
+    """kernels.triton_vit_attention when ``VLMSERVE_VIT_ATTENTION=triton``, else None."""
+    global _vit_choice
+    if _vit_choice is None:
+        choice = os.environ.get("VLMSERVE_VIT_ATTENTION", "sdpa").strip().lower()
+        if choice not in ("sdpa", "triton"):
+            raise ValueError(f"VLMSERVE_VIT_ATTENTION: expected 'sdpa' or 'triton', got {choice!r}")
+        _vit_choice = choice
+    if _vit_choice == "sdpa":
+        return None
+    import kernels.triton_vit_attention as mod  # cached by Python after the first import
+
+    return mod
 
 
 def vit_attention(
@@ -337,19 +345,15 @@ def vit_attention(
     head-dim padding) for fp16 / bf16 CUDA tensors whose head dim it splits; that kernel measured
     slower than cuDNN's on the H200 (0.300 against 0.237 ms on W1's shape), hence opt-in.
     """
-    global _vit_mod
     n, num_heads, head_dim = q.shape
-    if _fast(q) is not None and q.is_cuda and _vit_attention_choice() == "triton":
-        if _vit_mod is None:
-            import kernels.triton_vit_attention as mod
-
-            _vit_mod = mod
+    mod = _vit_triton_module() if _fast(q) is not None and q.is_cuda else None
+    if mod is not None:
         try:
-            _vit_mod.split_head_dim(head_dim)  # type: ignore[union-attr]
-        except ValueError:
+            mod.split_head_dim(head_dim)
+        except ValueError:  # a head dim the kernel cannot split: SDPA below
             pass
         else:
-            return _vit_mod.vit_attention(q, k, v, runs)  # type: ignore[union-attr]
+            return mod.vit_attention(q, k, v, runs)
     if len(runs) == 1:
         _, _, frames, length = runs[0]
         o = F.scaled_dot_product_attention(

@@ -70,6 +70,11 @@ def dense_attention(q, k, v, scale):
     return torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), v64)
 
 
+def _randint(g: torch.Generator):
+    """rint(lo, hi): one integer in [lo, hi) drawn from ``g``."""
+    return lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=g))
+
+
 def rel_err(out, ref):
     return ((out.double() - ref).abs().max() / ref.abs().max()).item()
 
@@ -246,10 +251,7 @@ def test_leading_decodes_then_prefills(block_size, num_heads, num_kv_heads, head
 def test_random_leading_decodes(seed):
     """Random mixed steps that start with a random number of decode rows."""
     g = torch.Generator().manual_seed(3000 + seed)
-
-    def rint(lo, hi):
-        return int(torch.randint(lo, hi, (1,), generator=g))
-
+    rint = _randint(g)
     bs = [8, 16, 32][seed % 3]
     num_heads, num_kv_heads = HEADS[seed % len(HEADS)]
     seqs = [(rint(1, 30 * bs), 1) for _ in range(rint(1, 40))]
@@ -356,10 +358,7 @@ def test_wide_padded_block_table(block_size):
 @pytest.mark.parametrize("seed", range(8))
 def test_random_batches(seed):
     g = torch.Generator().manual_seed(2000 + seed)
-
-    def rint(lo, hi):
-        return int(torch.randint(lo, hi, (1,), generator=g))
-
+    rint = _randint(g)
     bs = [8, 16, 32][seed % 3]
     num_heads, num_kv_heads = HEADS[seed % len(HEADS)]
     decode = seed % 4 == 3
