@@ -117,6 +117,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="threads processing prompts in LLM.generate (default: the engine's, LLM.preprocess_workers)")
     p.add_argument("--w1-compare-eager-vision", action="store_true",
                    help="after W1, rerun it (fresh images) with big vision passes run eagerly (no chunk graphs)")
+    p.add_argument("--w1-compare-vision-chunk", type=int, default=None, metavar="PATCHES",
+                   help="after W1, rerun it (fresh images) with vision chunk graphs of at most PATCHES patches "
+                        "(EncoderGraphCache.chunk_patches)")
     p.add_argument("--w1-compare-workers", type=int, default=None, metavar="N",
                    help="after W1, rerun it (fresh images) with N preprocessing threads (0: the calling thread)")
     p.add_argument("--batch1-tokens", type=int, default=512)
@@ -933,6 +936,10 @@ def main(argv=None) -> int:
     if args.w1_compare_eager_vision and vis is not None:
         with section("engine W1, big vision passes eager"):
             rerun_w1(vis, "chunk_patches", 0, 5_500_000, "w1_big_vision_passes_eager", "big vision passes eager")
+    if args.w1_compare_vision_chunk is not None and vis is not None:
+        with section("engine W1, other vision chunk size"):
+            n = args.w1_compare_vision_chunk
+            rerun_w1(vis, "chunk_patches", n, 5_600_000, f"w1_vision_chunk_{n}", f"vision chunks of {n} patches")
 
     if args.w1_compare_workers is not None:
         with section("engine W1, other preprocessing threads"):

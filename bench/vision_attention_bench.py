@@ -73,7 +73,7 @@ def main() -> None:
         measure(name, sdpa, ref)
     split = "+".join(map(str, split_head_dim(d)))
     for cfg in CONFIGS:
-        measure(f"triton {split}, (BLOCK_M, BLOCK_N, warps, stages)={cfg}",
+        measure(f"triton {split}, (BLOCK_M, BLOCK_N, warps, stages, tma)={cfg}",
                 lambda cfg=cfg: vit_attention(qf, kf, vf, runs, config=cfg), ref_rows)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "shape": {"images": b, "patches": n, "heads": h, "head_dim": d}, "rows": rows}

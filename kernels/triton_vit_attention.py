@@ -80,17 +80,19 @@ def _vit_attn_kernel(
             n_mask = offs_n >= 0
         else:
             n_mask = offs_n < seq_len
-        ka = tl.load(k_ptr + krows[None, :] * stride_kt + head * stride_kh + da[:, None], mask=n_mask[None, :], other=0.0)
-        s = tl.dot(qa, ka)  # [M, N]
+        # K as [N, D] rows (contiguous along D, as V), transposed for the dot
+        ka = tl.load(k_ptr + krows[:, None] * stride_kt + head * stride_kh + da[None, :], mask=n_mask[:, None], other=0.0)
+        s = tl.dot(qa, tl.trans(ka))  # [M, N], unscaled
         if DB > 0:
-            kb = tl.load(k_ptr + krows[None, :] * stride_kt + head * stride_kh + db[:, None], mask=n_mask[None, :], other=0.0)
-            s = tl.dot(qb, kb, s)
-        s = s * qk_scale
+            kb = tl.load(k_ptr + krows[:, None] * stride_kt + head * stride_kh + db[None, :], mask=n_mask[:, None], other=0.0)
+            s = tl.dot(qb, tl.trans(kb), s)
         if not EVEN:
             s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Softmax work per score rivals the dots' at head_dim 80: scale inside one FMA with the
+        # max subtraction (max of the unscaled scores, scaled: the scale is positive).
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         p = p.to(v_ptr.dtype.element_ty)
         va = tl.load(v_ptr + krows[:, None] * stride_vt + head * stride_vh + da[None, :], mask=n_mask[:, None], other=0.0)
@@ -107,22 +109,96 @@ def _vit_attn_kernel(
         tl.store(o_ptr + out_rows + db[None, :], (acc_b * inv[:, None]).to(o_ptr.dtype.element_ty), mask=m_mask[:, None])
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages); the H200 measured, in this order, 0.300, 0.341,
-# 0.346, 0.355 and 0.406 ms on W1's shape: the first is the default
-CONFIGS = ((64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2))
+@triton.jit
+def _vit_attn_tma_kernel(
+    qa_desc, qb_desc, ka_desc, kb_desc, va_desc, vb_desc, o_ptr,
+    row0, seq_len, num_heads, stride_ot, stride_oh,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    DA: tl.constexpr,
+    DB: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    EVEN: tl.constexpr,
+):
+    # The same computation as _vit_attn_kernel, its tiles brought in by the tensor memory
+    # accelerator (Hopper's TMA) from 2D [P, H * D] descriptors: a tile's row past the frame's end
+    # reads the next frame's (or zeros past the tensor's end), so those keys are masked to -inf as
+    # in the plain kernel, and the output is stored through masked pointers, never past the frame.
+    pid_m = tl.program_id(0)
+    fh = tl.program_id(1)
+    frame = fh // num_heads
+    head = fh % num_heads
+    base = row0 + frame * seq_len
+    col = head * HEAD_DIM
+    qrow = base + pid_m * BLOCK_M
+    qa = qa_desc.load([qrow, col])
+    if DB > 0:
+        qb = qb_desc.load([qrow, col + DA])
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
+    if DB > 0:
+        acc_b = tl.zeros([BLOCK_M, DB], dtype=tl.float32)
+    for start_n in range(0, seq_len, BLOCK_N):
+        krow = base + start_n
+        s = tl.dot(qa, ka_desc.load([krow, col]).T)  # [M, N], unscaled
+        if DB > 0:
+            s = tl.dot(qb, kb_desc.load([krow, col + DA]).T, s)
+        if not EVEN:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            s = tl.where((offs_n < seq_len)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p = p.to(o_ptr.dtype.element_ty)
+        acc_a = tl.dot(p, va_desc.load([krow, col]), acc_a * alpha[:, None])
+        if DB > 0:
+            acc_b = tl.dot(p, vb_desc.load([krow, col + DA]), acc_b * alpha[:, None])
+        m_i = m_new
+
+    inv = 1.0 / l_i
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < seq_len
+    out_rows = (base + offs_m).to(tl.int64)[:, None] * stride_ot + head * stride_oh
+    da = tl.arange(0, DA)
+    tl.store(o_ptr + out_rows + da[None, :], (acc_a * inv[:, None]).to(o_ptr.dtype.element_ty), mask=m_mask[:, None])
+    if DB > 0:
+        db = DA + tl.arange(0, DB)
+        tl.store(o_ptr + out_rows + db[None, :], (acc_b * inv[:, None]).to(o_ptr.dtype.element_ty), mask=m_mask[:, None])
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Before the FMA softmax and the [N, D] K loads, the
+# H200 measured 0.300, 0.341, 0.346, 0.355 and 0.406 ms on W1's shape for the first five.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, tma): tma loads tiles through tensor descriptors
+# (Hopper and later; q / k / v with heads packed along a row, 16-byte aligned rows).
+CONFIGS = ((64, 64, 4, 3, False), (128, 64, 4, 3, False), (64, 128, 4, 2, False), (128, 64, 8, 3, False),
+           (128, 128, 8, 2, False), (64, 64, 4, 4, False), (64, 32, 4, 4, False), (128, 128, 8, 3, False),
+           (64, 64, 4, 3, True), (64, 64, 4, 4, True), (128, 64, 8, 3, True), (128, 128, 8, 2, True),
+           (128, 128, 8, 3, True), (64, 128, 4, 3, True), (128, 64, 4, 3, True))
 DEFAULT_CONFIG = CONFIGS[0]
+
+
+def _tma_ok(*ts: torch.Tensor) -> bool:
+    """Whether [P, H, D] tensors can be 2D [P, H * D] TMA descriptors: heads packed along a row,
+    16-byte aligned base and row stride."""
+    return all(t.stride(1) == t.shape[2] and t.stride(2) == 1 and (t.data_ptr() % 16 == 0)
+               and (t.stride(0) * t.element_size()) % 16 == 0 for t in ts)
 
 
 def vit_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     runs: list[tuple[int, int, int, int]] | None = None,
     scale: float | None = None,
-    config: tuple[int, int, int, int] = DEFAULT_CONFIG,
+    config: tuple[int, int, int, int, bool] = DEFAULT_CONFIG,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v within frames. q, k, v: [P, H, D] (unit stride on D); runs:
     (first row, end row, frames, rows per frame) of consecutive equal-length frames (default: one
-    frame of all P rows); returns [P, H, D] (``out`` if given)."""
+    frame of all P rows); returns [P, H, D] (``out`` if given). A TMA config falls back to plain
+    loads where the tensors' layout does not allow descriptors."""
     p_rows, num_heads, d = q.shape
     da, db = split_head_dim(d)
     if not (k.shape == v.shape == q.shape and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1):
@@ -131,15 +207,33 @@ def vit_attention(
     if out is None:
         out = torch.empty((p_rows, num_heads, d), dtype=q.dtype, device=q.device)
     scale = d**-0.5 if scale is None else scale
-    block_m, block_n, warps, stages = config
+    block_m, block_n, warps, stages, tma = config
+    descs = None
+    if tma and _tma_ok(q, k, v):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        def desc(t: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
+            # [P, H, D] -> 2D [P, H * D] with the tensor's row stride
+            return TensorDescriptor(t, [p_rows, num_heads * d], [t.stride(0), 1], [rows, cols])
+
+        descs = (desc(q, block_m, da), desc(q, block_m, max(db, 16)), desc(k, block_n, da),
+                 desc(k, block_n, max(db, 16)), desc(v, block_n, da), desc(v, block_n, max(db, 16)))
     for start, end, frames, length in runs or [(0, p_rows, 1, p_rows)]:
         assert (end - start) == frames * length, "a run is whole frames"
         grid = (triton.cdiv(length, block_m), frames * num_heads)
+        even = length % block_n == 0
+        if descs is not None:
+            _vit_attn_tma_kernel[grid](
+                *descs, out, start, length, num_heads, out.stride(0), out.stride(1), scale * _LOG2E,
+                HEAD_DIM=d, DA=da, DB=db, BLOCK_M=block_m, BLOCK_N=block_n, EVEN=even,
+                num_warps=warps, num_stages=stages,
+            )
+            continue
         _vit_attn_kernel[grid](
             q, k, v, out, start, length, num_heads,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
             scale * _LOG2E,
-            DA=da, DB=db, BLOCK_M=block_m, BLOCK_N=block_n, EVEN=length % block_n == 0,
+            DA=da, DB=db, BLOCK_M=block_m, BLOCK_N=block_n, EVEN=even,
             num_warps=warps, num_stages=stages,
         )
     return out
