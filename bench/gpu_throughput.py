@@ -117,6 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="threads processing prompts in LLM.generate (default: the engine's, LLM.preprocess_workers)")
     p.add_argument("--w1-compare-eager-vision", action="store_true",
                    help="after W1, rerun it (fresh images) with big vision passes run eagerly (no chunk graphs)")
+    p.add_argument("--w1-compare-vit-attention", choices=("sdpa", "triton"), default=None,
+                   help="after W1, rerun it (fresh images) with this ViT attention kernel (VLMSERVE_VIT_ATTENTION)")
     p.add_argument("--w1-compare-vision-chunk", type=int, default=None, metavar="PATCHES",
                    help="after W1, rerun it (fresh images) with vision chunk graphs of at most PATCHES patches "
                         "(EncoderGraphCache.chunk_patches)")
@@ -936,6 +938,24 @@ def main(argv=None) -> int:
     if args.w1_compare_eager_vision and vis is not None:
         with section("engine W1, big vision passes eager"):
             rerun_w1(vis, "chunk_patches", 0, 5_500_000, "w1_big_vision_passes_eager", "big vision passes eager")
+    if args.w1_compare_vit_attention is not None:
+        with section("engine W1, other ViT attention kernel"):
+            from kernels import fused_ops
+
+            class _Choice:  # rerun_w1's obj / attr: the kernel choice, vision graphs dropped on each change
+                @property
+                def kernel(self) -> str:
+                    fused_ops._vit_triton_module()  # resolves the choice from the environment once
+                    return fused_ops._vit_choice
+
+                @kernel.setter
+                def kernel(self, value: str) -> None:
+                    fused_ops.set_vit_attention(value)
+                    if vis is not None:
+                        vis.graphs.clear()
+
+            choice = args.w1_compare_vit_attention
+            rerun_w1(_Choice(), "kernel", choice, 5_700_000, f"w1_vit_attention_{choice}", f"ViT attention by {choice}")
     if args.w1_compare_vision_chunk is not None and vis is not None:
         with section("engine W1, other vision chunk size"):
             n = args.w1_compare_vision_chunk

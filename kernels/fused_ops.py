@@ -319,6 +319,16 @@ def vision_rotary(
 _vit_choice: str | None = None  # VLMSERVE_VIT_ATTENTION, read on the first vision pass
 
 
+def set_vit_attention(choice: str | None) -> None:
+    """Override ``VLMSERVE_VIT_ATTENTION`` in this process ('sdpa' or 'triton'; None: read the
+    variable again), for in-process comparisons. Vision passes already captured in CUDA graphs
+    keep the kernel they were captured with: drop those graphs too."""
+    global _vit_choice
+    if choice is not None and choice not in ("sdpa", "triton"):
+        raise ValueError(f"vit attention: expected 'sdpa' or 'triton', got {choice!r}")
+    _vit_choice = choice
+
+
 def _vit_triton_module() -> ModuleType | None:
     """kernels.triton_vit_attention when ``VLMSERVE_VIT_ATTENTION=triton``, else None."""
     global _vit_choice
@@ -379,6 +389,7 @@ __all__ = [
     "quick_gelu",
     "rms_norm",
     "set_enabled",
+    "set_vit_attention",
     "silu_and_mul",
     "silu_and_mul_linear",
     "silu_mul",
