@@ -353,7 +353,7 @@ def vit_attention(
     equal-length frames -> [P, H, D]. Torch's SDPA, one batched call per run (cuDNN's kernel on
     CUDA), unless ``VLMSERVE_VIT_ATTENTION=triton`` picks ``kernels.triton_vit_attention`` (no
     head-dim padding) for fp16 / bf16 CUDA tensors whose head dim it splits; that kernel measured
-    slower than cuDNN's on the H200 (0.300 against 0.237 ms on W1's shape), hence opt-in.
+    level with cuDNN's on the H200 at best (0.296 against 0.289 ms on W1's shape), hence opt-in.
     """
     n, num_heads, head_dim = q.shape
     mod = _vit_triton_module() if _fast(q) is not None and q.is_cuda else None

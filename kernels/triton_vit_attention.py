@@ -8,13 +8,16 @@ multiplies zeros. Here a head is split into a power-of-two part and a power-of-t
 every multiply is on real data. Otherwise FlashAttention's forward: online softmax over key
 tiles in the exp2 domain, fp32 accumulators, p rounded to the input dtype for the PV product.
 
-Measured on the H200 (bench/vision_attention_bench.py, bench/results/vision_attention_h200.json:
-16 images x 16 heads x 1024 patches x 80): 0.300 ms a call in its best launch config against
-cuDNN's 0.237 ms (286 against 363 TFLOP/s of useful work; FlashAttention-2 0.374 ms), and W1 at
-21.0k output tokens/s against 21.6-21.8k with cuDNN (gpu_throughput_h200_vit_triton.json). So it
-is opt-in (``VLMSERVE_VIT_ATTENTION=triton``, see ``kernels.fused_ops.vit_attention``): the
-unpadded baseline for a TMA / warp-specialised version, which cuDNN's 64x128 wgmma kernel shows
-the chip can run much faster than this plain one.
+Measured on the H200 (bench/vision_attention_bench.py; 16 images x 16 heads x 1024 patches x 80):
+the first version, 0.300 ms a call in its best launch config against cuDNN's 0.237 ms
+(vision_attention_h200.json), W1 21.0k output tokens/s against 21.6-21.8k with cuDNN
+(gpu_throughput_h200_vit_triton.json). The softmax's per-score work rivals the dots' at head dim
+80 (an exp2 and ~5 fp32 operations against 320 flops of matrix work), so this version folds the
+scale into the max subtraction (one FMA a score) and adds a TMA variant: on another H200, 0.296
+ms against cuDNN's 0.289 there (vision_attention_h200_fma.json): level with cuDNN, not ahead. So
+it stays opt-in (``VLMSERVE_VIT_ATTENTION=triton``, see ``kernels.fused_ops.vit_attention``);
+beating cuDNN needs the softmax overlapped with the dots of another tile (FlashAttention-3's
+warp-specialised ping-pong), which plain Triton on Hopper does not schedule.
 
 q / k / v are any [P, H, D] views with unit stride on D (e.g. v = qkv[:, 2] of a fused qkv
 projection); the output is a new contiguous [P, H, D]. Launchers take shapes from the tensors (no
@@ -170,14 +173,13 @@ def _vit_attn_tma_kernel(
         tl.store(o_ptr + out_rows + db[None, :], (acc_b * inv[:, None]).to(o_ptr.dtype.element_ty), mask=m_mask[:, None])
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). Before the FMA softmax and the [N, D] K loads, the
-# H200 measured 0.300, 0.341, 0.346, 0.355 and 0.406 ms on W1's shape for the first five.
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, tma): tma loads tiles through tensor descriptors
-# (Hopper and later; q / k / v with heads packed along a row, 16-byte aligned rows).
-CONFIGS = ((64, 64, 4, 3, False), (128, 64, 4, 3, False), (64, 128, 4, 2, False), (128, 64, 8, 3, False),
-           (128, 128, 8, 2, False), (64, 64, 4, 4, False), (64, 32, 4, 4, False), (128, 128, 8, 3, False),
-           (64, 64, 4, 3, True), (64, 64, 4, 4, True), (128, 64, 8, 3, True), (128, 128, 8, 2, True),
-           (128, 128, 8, 3, True), (64, 128, 4, 3, True), (128, 64, 4, 3, True))
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, tma); tma loads tiles through tensor descriptors
+# (Hopper and later; q / k / v with heads packed along a row, 16-byte aligned rows). On W1's shape
+# an H200 measured, in this order: 0.296, 0.297, 0.335, 0.339, 0.307 and 0.334 ms, with cuDNN's
+# SDPA at 0.289 ms on that machine (bench/results/vision_attention_h200_fma.json; 9 more configs
+# measured 0.36-0.47 ms and were dropped). The first is the default.
+CONFIGS = ((64, 64, 4, 3, False), (128, 64, 4, 3, False), (128, 128, 8, 3, False), (64, 32, 4, 4, False),
+           (64, 64, 4, 3, True), (128, 64, 4, 3, True))
 DEFAULT_CONFIG = CONFIGS[0]
 
 
