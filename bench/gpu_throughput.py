@@ -956,7 +956,7 @@ def main(argv=None) -> int:
                 def kernel(self, value: str) -> None:
                     fused_ops.set_vit_attention(value)
                     if vis is not None:
-                        vis.graphs.clear()
+                        vis.clear()
 
             choice = args.w1_compare_vit_attention
             rerun_w1(_Choice(), "kernel", choice, 5_700_000, f"w1_vit_attention_{choice}", f"ViT attention by {choice}",

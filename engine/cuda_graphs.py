@@ -172,6 +172,14 @@ class EncoderGraphCache:
         # grid key -> (static input, graph, static output), or None when capture failed
         self.graphs: dict[tuple, tuple[torch.Tensor, torch.cuda.CUDAGraph, torch.Tensor] | None] = {}
 
+    def clear(self) -> None:
+        """Drop every captured graph and their memory pool (e.g. after the tower's kernels were
+        switched). The pool goes too: capturing into the pool handle of graphs already freed
+        left the next captures failing, so those keys ran eagerly (W1-sized runs saw a 1-image
+        pass take 35 ms instead of 9)."""
+        self.graphs.clear()
+        self.pool = None
+
     def __call__(self, pixel_values: torch.Tensor, grid: list[list[int]]) -> torch.Tensor:
         if not pixel_values.is_cuda:
             return self.tower(pixel_values, grid)

@@ -125,6 +125,30 @@ def test_vision_pass_replays_chunk_graphs(tmp_path_factory):
     assert all(entry is not None for entry in vis.graphs.values())
 
 
+def test_vision_graphs_recapture_after_clear(tmp_path_factory):
+    """EncoderGraphCache.clear() drops the graphs and their pool: passes captured afterwards
+    replay graphs again (none falls back to eager) and equal the eager tower."""
+    import tiny_vlm
+
+    from engine import LLM
+
+    d = tiny_vlm.build_tiny_qwen2_vl(tmp_path_factory.mktemp("gpu_qwen2_vl_clear"))
+    llm = LLM(str(d), dtype="float32", device="cuda", max_model_len=1024, gpu_memory_utilization=0.3)
+    model = llm.core.runner.model
+    vis = model.visual_runner
+    ip = tiny_vlm.load_image_processor(d)
+    with torch.inference_mode():
+        for round_ in range(3):
+            imgs = [tiny_vlm.random_image(56 + 28 * round_, 84, s) for s in range(2)]
+            o = ip(images=imgs, return_tensors="pt")
+            pv, grid = o["pixel_values"].cuda(), o["image_grid_thw"].tolist()
+            got = vis(pv, grid)
+            torch.testing.assert_close(got, model.visual(pv, grid), rtol=1e-5, atol=1e-5)
+            assert len(vis.graphs) == 1 and all(entry is not None for entry in vis.graphs.values())
+            vis.clear()
+            assert not vis.graphs and vis.pool is None
+
+
 @pytest.mark.parametrize("fixture", ["tiny_llama_gqa", "tiny_qwen2"])
 def test_cuda_graphs_decode_equals_hf_and_eager(fixture, request):
     """Decode-only steps replay CUDA graphs (padded batch sizes: 3 -> 4, 5 -> 8); greedy tokens
