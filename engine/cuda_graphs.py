@@ -174,9 +174,10 @@ class EncoderGraphCache:
 
     def clear(self) -> None:
         """Drop every captured graph and their memory pool (e.g. after the tower's kernels were
-        switched). The pool goes too: capturing into the pool handle of graphs already freed
-        left the next captures failing, so those keys ran eagerly (W1-sized runs saw a 1-image
-        pass take 35 ms instead of 9)."""
+        switched). The pool goes too, so that new captures start a fresh one. (Suspected, not yet
+        confirmed on a GPU, bench/graph_pool_probe.py: capturing into the pool of graphs already
+        freed fails, and those keys then run eagerly; batch-1 TTFT measured 35 ms instead of 9
+        after a benchmark A/B that dropped the graphs only.)"""
         self.graphs.clear()
         self.pool = None
 
