@@ -949,8 +949,7 @@ def main(argv=None) -> int:
             class _Choice:  # rerun_w1's obj / attr: the kernel choice, vision graphs dropped on each change
                 @property
                 def kernel(self) -> str:
-                    fused_ops._vit_triton_module()  # resolves the choice from the environment once
-                    return fused_ops._vit_choice
+                    return fused_ops.vit_attention_choice()
 
                 @kernel.setter
                 def kernel(self, value: str) -> None:

@@ -316,6 +316,7 @@ def vision_rotary(
     return qk[:, 0], qk[:, 1]
 
 
+_VIT_CHOICES = ("sdpa", "triton")
 _vit_choice: str | None = None  # VLMSERVE_VIT_ATTENTION, read on the first vision pass
 
 
@@ -324,20 +325,25 @@ def set_vit_attention(choice: str | None) -> None:
     variable again), for in-process comparisons. Vision passes already captured in CUDA graphs
     keep the kernel they were captured with: drop those graphs too."""
     global _vit_choice
-    if choice is not None and choice not in ("sdpa", "triton"):
+    if choice is not None and choice not in _VIT_CHOICES:
         raise ValueError(f"vit attention: expected 'sdpa' or 'triton', got {choice!r}")
     _vit_choice = choice
 
 
-def _vit_triton_module() -> ModuleType | None:
-    """kernels.triton_vit_attention when ``VLMSERVE_VIT_ATTENTION=triton``, else None."""
+def vit_attention_choice() -> str:
+    """The ViT attention kernel in use: 'sdpa' or 'triton' (``VLMSERVE_VIT_ATTENTION``, read once)."""
     global _vit_choice
     if _vit_choice is None:
         choice = os.environ.get("VLMSERVE_VIT_ATTENTION", "sdpa").strip().lower()
-        if choice not in ("sdpa", "triton"):
+        if choice not in _VIT_CHOICES:
             raise ValueError(f"VLMSERVE_VIT_ATTENTION: expected 'sdpa' or 'triton', got {choice!r}")
         _vit_choice = choice
-    if _vit_choice == "sdpa":
+    return _vit_choice
+
+
+def _vit_triton_module() -> ModuleType | None:
+    """kernels.triton_vit_attention when the choice is 'triton', else None."""
+    if vit_attention_choice() == "sdpa":
         return None
     import kernels.triton_vit_attention as mod  # cached by Python after the first import
 
@@ -395,4 +401,5 @@ __all__ = [
     "silu_mul",
     "vision_rotary",
     "vit_attention",
+    "vit_attention_choice",
 ]

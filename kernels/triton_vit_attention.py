@@ -45,6 +45,32 @@ def split_head_dim(d: int) -> tuple[int, int]:
 
 
 @triton.jit
+def _online_softmax(s, m_i, l_i, qk_scale):
+    """One key tile of FlashAttention's online softmax in the exp2 domain. s: [M, N] unscaled
+    scores (-inf where masked). Returns (p [M, N] fp32, alpha [M] to rescale the accumulators,
+    new m_i, new l_i). The scale goes inside one FMA with the max subtraction (max of the unscaled
+    scores, scaled: the scale is positive): at head_dim 80 the softmax's work per score rivals the
+    dots'."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    p = tl.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _store_rows(o_ptr, rows, head, stride_ot, stride_oh, acc_a, acc_b, l_i, m_mask,
+                DA: tl.constexpr, DB: tl.constexpr):
+    """out[rows, head, :] = [acc_a | acc_b] / l_i, rows past the frame (m_mask false) skipped."""
+    inv = 1.0 / l_i
+    out_rows = rows[:, None] * stride_ot + head * stride_oh
+    da = tl.arange(0, DA)
+    tl.store(o_ptr + out_rows + da[None, :], (acc_a * inv[:, None]).to(o_ptr.dtype.element_ty), mask=m_mask[:, None])
+    if DB > 0:
+        db = DA + tl.arange(0, DB)
+        tl.store(o_ptr + out_rows + db[None, :], (acc_b * inv[:, None]).to(o_ptr.dtype.element_ty), mask=m_mask[:, None])
+
+
+@triton.jit
 def _vit_attn_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr,
     row0, seq_len, num_heads,
@@ -76,6 +102,8 @@ def _vit_attn_kernel(
     acc_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
     if DB > 0:
         acc_b = tl.zeros([BLOCK_M, DB], dtype=tl.float32)
+    else:
+        acc_b = acc_a  # a placeholder: _store_rows writes no second part then
     for start_n in range(0, seq_len, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         krows = base + offs_n
@@ -91,25 +119,15 @@ def _vit_attn_kernel(
             s = tl.dot(qb, tl.trans(kb), s)
         if not EVEN:
             s = tl.where(n_mask[None, :], s, float("-inf"))
-        # Softmax work per score rivals the dots' at head_dim 80: scale inside one FMA with the
-        # max subtraction (max of the unscaled scores, scaled: the scale is positive).
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        p = tl.exp2(s * qk_scale - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale)
         p = p.to(v_ptr.dtype.element_ty)
         va = tl.load(v_ptr + krows[:, None] * stride_vt + head * stride_vh + da[None, :], mask=n_mask[:, None], other=0.0)
         acc_a = tl.dot(p, va, acc_a * alpha[:, None])
         if DB > 0:
             vb = tl.load(v_ptr + krows[:, None] * stride_vt + head * stride_vh + db[None, :], mask=n_mask[:, None], other=0.0)
             acc_b = tl.dot(p, vb, acc_b * alpha[:, None])
-        m_i = m_new
 
-    inv = 1.0 / l_i
-    out_rows = rows[:, None] * stride_ot + head * stride_oh
-    tl.store(o_ptr + out_rows + da[None, :], (acc_a * inv[:, None]).to(o_ptr.dtype.element_ty), mask=m_mask[:, None])
-    if DB > 0:
-        tl.store(o_ptr + out_rows + db[None, :], (acc_b * inv[:, None]).to(o_ptr.dtype.element_ty), mask=m_mask[:, None])
+    _store_rows(o_ptr, rows, head, stride_ot, stride_oh, acc_a, acc_b, l_i, m_mask, DA, DB)
 
 
 @triton.jit
@@ -144,6 +162,8 @@ def _vit_attn_tma_kernel(
     acc_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
     if DB > 0:
         acc_b = tl.zeros([BLOCK_M, DB], dtype=tl.float32)
+    else:
+        acc_b = acc_a  # a placeholder: _store_rows writes no second part then
     for start_n in range(0, seq_len, BLOCK_N):
         krow = base + start_n
         s = tl.dot(qa, ka_desc.load([krow, col]).T)  # [M, N], unscaled
@@ -152,25 +172,16 @@ def _vit_attn_tma_kernel(
         if not EVEN:
             offs_n = start_n + tl.arange(0, BLOCK_N)
             s = tl.where((offs_n < seq_len)[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        p = tl.exp2(s * qk_scale - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale)
         p = p.to(o_ptr.dtype.element_ty)
         acc_a = tl.dot(p, va_desc.load([krow, col]), acc_a * alpha[:, None])
         if DB > 0:
             acc_b = tl.dot(p, vb_desc.load([krow, col + DA]), acc_b * alpha[:, None])
-        m_i = m_new
 
-    inv = 1.0 / l_i
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < seq_len
-    out_rows = (base + offs_m).to(tl.int64)[:, None] * stride_ot + head * stride_oh
-    da = tl.arange(0, DA)
-    tl.store(o_ptr + out_rows + da[None, :], (acc_a * inv[:, None]).to(o_ptr.dtype.element_ty), mask=m_mask[:, None])
-    if DB > 0:
-        db = DA + tl.arange(0, DB)
-        tl.store(o_ptr + out_rows + db[None, :], (acc_b * inv[:, None]).to(o_ptr.dtype.element_ty), mask=m_mask[:, None])
+    rows = (base + offs_m).to(tl.int64)
+    _store_rows(o_ptr, rows, head, stride_ot, stride_oh, acc_a, acc_b, l_i, offs_m < seq_len,
+                DA, DB)
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, tma); tma loads tiles through tensor descriptors
