@@ -20,9 +20,10 @@ try:
     from kserve.errors import ModelNotReady, ServerNotReady
     from kserve.protocol.dataplane import DataPlane
     from kserve.protocol.grpc.server import GRPCServer
+    from kserve.protocol.model_repository_extension import ModelRepositoryExtension
     from kserve.protocol.rest.server import RESTServer
 finally:
     sys.argv = _saved_argv
 
-__all__ = ["FASTAPI_APP_IMPORT_STRING", "DataPlane", "GRPCServer", "ModelNotReady", "RESTServer", "ServerNotReady",
+__all__ = ["FASTAPI_APP_IMPORT_STRING", "DataPlane", "GRPCServer", "ModelNotReady", "ModelRepositoryExtension", "RESTServer", "ServerNotReady",
            "kserve", "model_server"]

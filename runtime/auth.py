@@ -2,9 +2,10 @@
 
 A pure ASGI middleware (so streaming and disconnect detection are untouched): requests to the
 OpenAI routes (``/v1/...``, ``/openai/...``) and the v2 routes (``/v2/...``) must carry
-``Authorization: Bearer KEY``; health probes (``/``, ``/v2/health/*``, ``/v2/models/{m}/ready``)
-and ``/metrics`` stay open. A missing or wrong key gets a 401 in OpenAI's error shape.
-``grpc_api_key_interceptor`` does the same for the gRPC port (UNAUTHENTICATED).
+``Authorization: Bearer KEY`` (the scheme in any case: ``bearer KEY`` too); health probes
+(``/``, ``/v2/health/*``, ``/v2/models/{m}/ready``) and ``/metrics`` stay open. A missing or
+wrong key gets a 401 in OpenAI's error shape. ``grpc_api_key_interceptor`` does the same for
+the gRPC port (UNAUTHENTICATED).
 """
 
 from __future__ import annotations
@@ -22,12 +23,21 @@ def needs_api_key(path: str) -> bool:
     return bool(_PROTECTED.match(path)) and not _OPEN.match(path)
 
 
+def bearer_matches(header: bytes | str, api_key: bytes) -> bool:
+    """Whether an ``Authorization`` value is ``Bearer <api_key>``. The scheme is matched in any
+    case (auth schemes are case-insensitive, RFC 9110 11.1; clients send ``bearer`` too); the
+    key is compared in constant time."""
+    value = header.encode() if isinstance(header, str) else header
+    scheme, _, token = value.strip().partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), api_key)
+
+
 class APIKeyMiddleware:
     """Reject protected requests without ``Authorization: Bearer <api_key>``."""
 
     def __init__(self, app: Any, api_key: str) -> None:
         self.app = app
-        self._expected = f"Bearer {api_key}".encode()
+        self._api_key = api_key.encode()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["method"] == "OPTIONS" or not needs_api_key(scope["path"]):
@@ -38,7 +48,7 @@ class APIKeyMiddleware:
             if name == b"authorization":
                 given = value
                 break
-        if hmac.compare_digest(given, self._expected):
+        if bearer_matches(given, self._api_key):
             await self.app(scope, receive, send)
             return
         message = "Missing API key: send 'Authorization: Bearer <key>'" if not given else "Incorrect API key provided"
@@ -51,11 +61,11 @@ class APIKeyMiddleware:
 
 
 def grpc_api_key_interceptor(api_key: str) -> Any:
-    """A ``grpc.aio`` server interceptor asking the same ``authorization: Bearer KEY`` metadata of
-    every RPC except the health ones (ServerLive, ServerReady, ModelReady)."""
+    """A ``grpc.aio`` server interceptor asking the same ``authorization: Bearer KEY`` metadata
+    (scheme in any case) of every RPC except the health ones (ServerLive, ServerReady, ModelReady)."""
     import grpc
 
-    expected = f"Bearer {api_key}".encode()
+    expected = api_key.encode()
     open_methods = ("/ServerLive", "/ServerReady", "/ModelReady")
 
     async def deny(request: Any, context: Any) -> None:
@@ -73,7 +83,7 @@ def grpc_api_key_interceptor(api_key: str) -> Any:
             if handler is None or details.method.endswith(open_methods):
                 return handler
             given = dict(details.invocation_metadata or ()).get("authorization", "")
-            if hmac.compare_digest(given.encode() if isinstance(given, str) else given, expected):
+            if bearer_matches(given, expected):
                 return handler
             factory = factories[(handler.request_streaming, handler.response_streaming)]
             return factory(deny, request_deserializer=handler.request_deserializer,

@@ -4,7 +4,10 @@
 gRPC servicer, ``DataPlane``, ``ModelRepository``) and changes what a generative engine needs:
 
 * the HTTP server listens at once; models load in the background (``model.start_engine()``),
-  and ``/v2/health/ready`` and ``/v2/models/{m}/ready`` answer 503 until every model is warm;
+  and ``/v2/health/ready`` and ``/v2/models/{m}/ready`` answer 503 until every model is warm
+  (and whenever a model the server started with is unhealthy or missing from the registry);
+* KServe's model repository extension (load / unload) is not served: one model, loaded at
+  start-up (``runtime.v2_routes.register_repository_refusal``; 405, gRPC UNIMPLEMENTED);
 * it binds ``host`` (KServe hard-codes 0.0.0.0);
 * it mounts the OpenAI routes (``runtime.openai_routes``), the API-key checks (HTTP middleware
   and gRPC interceptor) and the engine gauges on ``/metrics``;
@@ -20,7 +23,7 @@ import concurrent.futures
 import logging
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +35,7 @@ from runtime._kserve import (
     DataPlane,
     GRPCServer,
     ModelNotReady,
+    ModelRepositoryExtension,
     RESTServer,
     ServerNotReady,
     kserve,
@@ -43,8 +47,8 @@ from runtime.metrics import register_engine_metrics
 from runtime.model import VLMModel
 from runtime.openai_dataplane import OpenAIDataPlane
 from runtime.openai_routes import register_openai_routes
-from runtime.v2_dataplane import V2DataPlane
-from runtime.v2_routes import register_v2_routes
+from runtime.v2_dataplane import NO_REPOSITORY, V2DataPlane
+from runtime.v2_routes import register_repository_refusal, register_v2_routes
 
 logger = logging.getLogger("vlmserve.server")
 ENGINE_WATCH_INTERVAL_S = 1.0
@@ -69,13 +73,53 @@ class ServerConfig:
 
 
 class ReadinessDataPlane(DataPlane):
-    """KServe's DataPlane, whose server readiness also requires every model to be ready."""
+    """KServe's DataPlane, with readiness judged on the models the server started with.
+
+    A started model must be healthy and still in KServe's registry under each of its names: one
+    missing from the registry (as after a KServe unload) makes the server and that model
+    unready (503), where iterating the registry would silently stop counting it."""
+
+    def __init__(self, model_registry: Any, started: Callable[[], Sequence[VLMModel]]) -> None:
+        super().__init__(model_registry=model_registry)
+        self._started = started
+
+    def _served(self) -> dict[str, VLMModel]:
+        return {name: model for model in self._started() for name in model.served_names}
+
+    async def _serving(self, name: str, model: VLMModel) -> bool:
+        return self.model_registry.get_model(name) is model and await model.healthy()
 
     async def ready(self) -> bool:
-        for model in list(self.model_registry.get_models().values()):
-            if not await model.healthy():
+        for name, model in self._served().items():
+            if not await self._serving(name, model):
                 return False
         return await super().ready()
+
+    async def model_ready(self, model_name: str, disable_predictor_health_check: bool = False) -> bool:
+        model = self._served().get(model_name)
+        if model is None:  # not ours: KServe's answer (404 for an unknown name)
+            return await super().model_ready(model_name, disable_predictor_health_check)
+        return await self._serving(model_name, model)
+
+    def metadata(self) -> dict:
+        # The repository extension is not served, so it is not advertised either.
+        meta = super().metadata()
+        return {**meta, "extensions": [e for e in meta["extensions"] if e != "model_repository_extension"]}
+
+
+class NoRepositoryExtension(ModelRepositoryExtension):
+    """Given to KServe's REST and gRPC servers in place of theirs. Our routes and servicer already
+    refuse the repository calls; this makes any path to KServe's own handlers refuse too (501)
+    instead of unloading the model."""
+
+    async def index(self, filter_ready: bool | None = False) -> list[dict[str, str]]:
+        raise NotImplementedError(NO_REPOSITORY)
+
+    async def load(self, model_name: str) -> None:
+        raise NotImplementedError(NO_REPOSITORY)
+
+    async def unload(self, model_name: str) -> None:
+        raise NotImplementedError(NO_REPOSITORY)
 
 
 class VLMRESTServer(RESTServer):
@@ -150,8 +194,9 @@ class VLMModelServer(kserve.ModelServer):
         )
         configure_logging()
         self.config = config
-        self.dataplane = ReadinessDataPlane(model_registry=self.registered_models)
         self.models: list[VLMModel] = []
+        self.dataplane = ReadinessDataPlane(self.registered_models, started=lambda: self.models)
+        self.model_repository_extension = NoRepositoryExtension(self.registered_models)
         self.exit_code = 0
         self._stopping = False
 
@@ -164,6 +209,7 @@ class VLMModelServer(kserve.ModelServer):
         register_openai_routes(app, OpenAIDataPlane(self.registered_models))
         v2 = V2DataPlane(self.registered_models)
         register_v2_routes(app, v2)  # v2 infer / generate / generate_stream, ahead of KServe's infer
+        register_repository_refusal(app)  # ahead of KServe's load / unload
         register_engine_metrics(lambda: [(m.name, m) for m in self.models])
 
         self._rest_server = VLMRESTServer(

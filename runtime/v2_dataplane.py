@@ -47,6 +47,9 @@ from runtime._kserve import kserve
 from runtime.model import EnginePrompt, PromptError, VLMModel
 from runtime.v2_codec import DecodedRequest, Tensor, V2Error
 
+# Why the model repository extension (load / unload / index) is not served, for REST and gRPC.
+NO_REPOSITORY = ("vlmserve serves one model loaded at start-up: the model repository extension "
+                 "(load, unload, index) is not served")
 OUTPUT_NAMES = ("text_output", "finish_reason", "num_input_tokens", "num_output_tokens")
 EMBEDDING_OUTPUT_NAMES = ("embedding",)
 _IGNORED_INPUTS = frozenset({"return_finish_reason", "return_cumulative_logprob", "return_logprobs",

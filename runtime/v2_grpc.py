@@ -11,7 +11,8 @@ which has no streaming rpc:
   ``finish_reason``; a request without gets one response. Every response carries parameter
   ``triton_final_response`` (true on a request's last one), as Triton's decoupled models do. A
   failed request gets ``error_message`` (with its id) and the stream goes on;
-* RepositoryModelLoad / Unload: UNIMPLEMENTED (models load at start-up).
+* RepositoryModelLoad / Unload: UNIMPLEMENTED (one model, loaded at start-up; an unload would
+  stop it for good). The proto has no RepositoryIndex, so gRPC answers that one UNIMPLEMENTED too.
 
 Errors (unary rpcs): bad input INVALID_ARGUMENT, unknown model NOT_FOUND, not ready
 UNAVAILABLE, through KServe's exception interceptor (``grpc_interceptor`` exceptions).
@@ -29,7 +30,7 @@ from grpc_interceptor import exceptions as grpc_exc
 from runtime import v2_grpc_predict_pb2 as pb
 from runtime import v2_grpc_predict_pb2_grpc as pb_grpc
 from runtime.v2_codec import V2Error, decode_grpc_request, encode_grpc_response
-from runtime.v2_dataplane import Piece, V2DataPlane, output_tensors, parse_request
+from runtime.v2_dataplane import NO_REPOSITORY, Piece, V2DataPlane, output_tensors, parse_request
 
 logger = logging.getLogger("vlmserve.v2.grpc")
 DEFAULT_VERSION = "1"
@@ -76,10 +77,10 @@ class V2InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in meta["outputs"]])
 
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
-        raise grpc_exc.Unimplemented("RepositoryModelLoad: models are loaded at server start-up")
+        raise grpc_exc.Unimplemented(f"RepositoryModelLoad: {NO_REPOSITORY}")
 
     async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
-        raise grpc_exc.Unimplemented("RepositoryModelUnload: models are loaded at server start-up")
+        raise grpc_exc.Unimplemented(f"RepositoryModelUnload: {NO_REPOSITORY}")
 
     # -- inference ----------------------------------------------------------------------------------
     def _prepare(self, request: Any, allow_stream: bool) -> tuple[Any, Any, Any]:

@@ -13,6 +13,11 @@
   ``data: {...}``, one per new piece of text (``stream`` defaults to true here); an error after
   the stream started is sent as ``data: {"error": "..."}``.
 
+``register_repository_refusal(app)`` answers everything under ``/v2/repository/`` (KServe's
+model repository extension: load, unload, Triton's index) with 405 and ``{"error": "vlmserve
+serves one model loaded at start-up: ..."}``, ahead of KServe's load / unload routes: vlmserve
+serves the model it started with, and KServe's unload would stop that model for good.
+
 Errors are KServe's v2 shape ``{"error": "..."}`` with 400 (bad input), 404 (unknown model),
 503 (not ready), 413 (image too large). A client that disconnects cancels its request.
 """
@@ -39,7 +44,7 @@ from runtime.v2_codec import (
     encode_rest_response,
     tensor_to_json_value,
 )
-from runtime.v2_dataplane import Piece, V2DataPlane, output_tensors, parse_request
+from runtime.v2_dataplane import NO_REPOSITORY, Piece, V2DataPlane, output_tensors, parse_request
 
 logger = logging.getLogger("vlmserve.v2")
 DEFAULT_VERSION = "1"
@@ -203,3 +208,15 @@ def register_v2_routes(app: FastAPI, dataplane: V2DataPlane) -> None:
     """Mount the v2 inference routes; call before KServe registers its own (FastAPI matches in
     order, so these answer ``/v2/models/{m}/infer`` instead of KServe's)."""
     app.include_router(build_v2_router(dataplane))
+
+
+async def _no_repository() -> JSONResponse:
+    # 405, not 404: a 404 on unload reads as "no such model", i.e. as if it were already unloaded.
+    return JSONResponse(status_code=405, content={"error": NO_REPOSITORY}, headers={"Allow": ""})
+
+
+def register_repository_refusal(app: FastAPI) -> None:
+    """Refuse KServe's model repository extension; call before KServe registers its own routes
+    (FastAPI matches in order, so this shadows KServe's ``/v2/repository/models/{m}/unload``)."""
+    app.add_api_route("/v2/repository/{path:path}", _no_repository, include_in_schema=False,
+                      methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
