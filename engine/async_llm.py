@@ -3,6 +3,11 @@
 ``async for out in engine.generate(prompt, params, request_id)`` streams RequestOutputs;
 ``await engine.abort(request_id)`` drops a request and frees its KV blocks. Tokenisation,
 detokenisation and stop strings run here; the child process only schedules and runs the model.
+
+Nothing here blocks the event loop on the pipe to the core: requests are processed and pickled
+in worker threads and written by a sender thread; a reader thread hands each step's outputs to
+the loop in one callback, and each request's outputs wait merged in its
+``RequestOutputCollector`` until its consumer takes them.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import queue
 import subprocess
 import threading
 import time
@@ -18,8 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
 from engine.config import EngineArgs
-from engine.core_process import recv_msg, send_msg, start_core_process
+from engine.core_process import encode_msg, recv_msg, start_core_process
 from engine.engine_core import EngineStats
+from engine.output_collector import RequestOutputCollector
 from engine.output_processor import OutputKind, OutputProcessor
 from engine.outputs import (
     EngineOutputError,
@@ -55,9 +62,9 @@ class AsyncLLM:
         self.processor = InputProcessor(self.config, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stats = EngineStats()
-        self._queues: dict[str, asyncio.Queue] = {}
+        self._queues: dict[str, RequestOutputCollector] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._send_lock = threading.Lock()
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # pickled messages for the sender thread
         self._dead: str | None = None
         self._pool = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="vlmserve-preproc")
         self._proc, self._conn = start_core_process(engine_args, timeout=120.0)
@@ -81,6 +88,8 @@ class AsyncLLM:
         self._tracker = RequestStatsTracker(self.output_processor, self.stat_loggers)
         self._reader = threading.Thread(target=self._read_loop, daemon=True, name="vlmserve-core-reader")
         self._reader.start()
+        self._sender = threading.Thread(target=self._send_loop, daemon=True, name="vlmserve-core-sender")
+        self._sender.start()
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> "AsyncLLM":
@@ -112,30 +121,31 @@ class AsyncLLM:
         if request_id in self._queues:
             raise ValueError(f"request_id: {request_id!r} is already in use")
         self._loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = queue
+        collector = RequestOutputCollector(delta=output_kind is OutputKind.DELTA)
+        self._queues[request_id] = collector
         arrival = time.time()
         finished = failed = False
         try:
-            # Tokenisation and image preprocessing run in worker threads, never on the event loop.
-            text, req, seconds = await self._loop.run_in_executor(
+            # Tokenisation, image preprocessing and pickling run in worker threads, never on the loop.
+            text, req, seconds, messages = await self._loop.run_in_executor(
                 self._pool, self._timed_process, request_id, prompt, sampling_params
             )
             num_images = sum(1 for f in req.mm_features if getattr(f, "modality", None) == "image")
             if num_images:
                 self._tracker.log("record_preprocess", num_images, seconds)
-            children = split_children(req)
             self.output_processor.add_request(
-                request_id, text, req.prompt_token_ids, {c.request_id: c.sampling_params for c in children}, output_kind
+                request_id, text, req.prompt_token_ids, {rid: m.sampling_params for rid, m in messages.items()},
+                output_kind,
             )
             self._tracker.start(request_id, arrival, len(req.prompt_token_ids))
-            for child in children:
-                self._send(("add", child))
+            for payload in messages.values():
+                self._send_pickled(payload)
             while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    failed = not isinstance(item, asyncio.CancelledError)
-                    raise item
+                try:
+                    item = await collector.get()
+                except BaseException as exc:
+                    failed = not isinstance(exc, asyncio.CancelledError)
+                    raise
                 finished = item.finished
                 yield item
                 if finished:
@@ -162,18 +172,17 @@ class AsyncLLM:
         if pooling_params is None:
             pooling_params = PoolingParams()
         self._loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = queue
+        collector = RequestOutputCollector(delta=False)
+        self._queues[request_id] = collector
         finished = False
         try:
-            text, req, _ = await self._loop.run_in_executor(
+            text, req, _, messages = await self._loop.run_in_executor(
                 self._pool, self._timed_process, request_id, prompt, pooling_params
             )
             self.output_processor.add_pooling_request(request_id, text, req.prompt_token_ids)
-            self._send(("add", req))
-            item = await queue.get()
-            if isinstance(item, BaseException):
-                raise item
+            for payload in messages.values():
+                self._send_pickled(payload)
+            item = await collector.get()
             finished = True
             yield item
         finally:
@@ -183,9 +192,9 @@ class AsyncLLM:
 
     async def abort(self, request_id: str) -> None:
         self._abort_now(request_id)
-        queue = self._queues.pop(request_id, None)
-        if queue is not None:
-            queue.put_nowait(asyncio.CancelledError(f"request {request_id} aborted"))
+        collector = self._queues.pop(request_id, None)
+        if collector is not None:
+            collector.put_error(asyncio.CancelledError(f"request {request_id} aborted"))
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -193,6 +202,7 @@ class AsyncLLM:
             self._send(("shutdown",))
         except Exception:
             pass
+        self._outbox.put(None)  # the sender thread ends after the shutdown message
         try:
             self._proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -201,17 +211,34 @@ class AsyncLLM:
         self._conn.close()
 
     # -- plumbing -------------------------------------------------------------------------------
-    def _timed_process(self, request_id: str, prompt: PromptType,
-                       params: SamplingParams | PoolingParams) -> tuple[Any, Any, float]:
+    def _timed_process(self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams,
+                       ) -> tuple[Any, Any, float, dict[str, Any]]:
+        """(prompt text, EngineRequest, seconds, {core request id: (params, pickled "add" message)}):
+        a request with n > 1 becomes n core requests (``split_children``). The pickling happens
+        here, in the worker, so that a request's image bytes are never copied on the event loop."""
         t0 = time.perf_counter()
         text, req = self.processor.process(request_id, prompt, params)
-        return text, req, time.perf_counter() - t0
+        children = split_children(req) if req.sampling_params is not None else [req]
+        messages = {c.request_id: _Pickled(c.sampling_params, encode_msg(("add", c))) for c in children}
+        return text, req, time.perf_counter() - t0, messages
 
     def _send(self, msg: tuple) -> None:
+        self._send_pickled(_Pickled(None, encode_msg(msg)))
+
+    def _send_pickled(self, payload: "_Pickled") -> None:
+        """Queue a pickled message for the sender thread (never blocks: the core reads its pipe
+        in a thread of its own, and the order of messages is kept)."""
         if self._dead is not None:
             raise EngineDeadError(self._dead)
-        with self._send_lock:
-            send_msg(self._conn, msg)
+        self._outbox.put(payload.data)
+
+    def _send_loop(self) -> None:
+        """Sender thread: writes queued messages to the core in order until a None."""
+        while (data := self._outbox.get()) is not None:
+            try:
+                self._conn.send_bytes(data)
+            except (OSError, ValueError):  # the core is gone (the reader reports it) or we shut down
+                return
 
     def _abort_now(self, request_id: str) -> None:
         child_ids = self.output_processor.child_ids(request_id)
@@ -248,16 +275,30 @@ class AsyncLLM:
             if to_abort:
                 self._send(("abort", to_abort))
             for out in ready:
-                queue = self._queues.get(out.request_id)
-                if queue is not None:
-                    queue.put_nowait(EngineOutputError(out.message) if isinstance(out, RequestError) else out)
+                collector = self._queues.get(out.request_id)
+                if collector is None:
+                    continue
+                if isinstance(out, RequestError):
+                    collector.put_error(EngineOutputError(out.message))
+                else:
+                    collector.put(out)
         elif kind == "error":
             parent = self.output_processor.child_to_parent.get(msg[1], msg[1])
             self._abort_now(parent)
-            queue = self._queues.get(parent)
-            if queue is not None:
-                queue.put_nowait(ValueError(msg[2]))
+            collector = self._queues.get(parent)
+            if collector is not None:
+                collector.put_error(ValueError(msg[2]))
         elif kind == "fatal":
             self._dead = self._dead or msg[1]
-            for queue in self._queues.values():
-                queue.put_nowait(EngineDeadError(self._dead))
+            for collector in self._queues.values():
+                collector.put_error(EngineDeadError(self._dead))
+
+
+class _Pickled:
+    """A message to the core, already pickled, and the sampling params of the request it adds."""
+
+    __slots__ = ("data", "sampling_params")
+
+    def __init__(self, sampling_params: Any, data: bytes) -> None:
+        self.sampling_params = sampling_params
+        self.data = data

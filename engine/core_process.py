@@ -6,7 +6,11 @@ local socket, rather than a multiprocessing spawn, so that callers' scripts need
 
 The API process (HTTP, tokenisation, image preprocessing, detokenisation) and this process talk
 over a pipe with small pickled messages, so a model step never waits on the event loop and the
-event loop never waits on a model step.
+event loop never waits on a model step. Both ends of the pipe have a thread of their own here, as
+vLLM's engine core has: an input thread reads and unpickles every message as it arrives (a
+request's image bytes are read at once, not between two steps, so the sender never waits for a
+step to end), and an output thread pickles and writes each step's outputs while the next step
+runs.
 
 parent -> core: ("add", EngineRequest) | ("abort", [request_id]) | ("shutdown",)
 core -> parent: ("ready", info) | ("outputs", [EngineCoreOutput], EngineStats)
@@ -18,8 +22,10 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import queue
 import subprocess
 import sys
+import threading
 import traceback
 from multiprocessing.connection import Client, Connection, Listener
 from typing import Any
@@ -27,10 +33,14 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 
-def send_msg(conn: Connection, msg: Any) -> None:
+def encode_msg(msg: Any) -> bytes:
     """Plain pickle: Connection.send's ForkingPickler would pass tensors as shared-memory handles,
     which the other process (not a multiprocessing child) cannot open. Copying the bytes is right."""
-    conn.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+    return pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def send_msg(conn: Connection, msg: Any) -> None:
+    conn.send_bytes(encode_msg(msg))
 
 
 def recv_msg(conn: Connection) -> Any:
@@ -47,40 +57,65 @@ def run_engine_core(engine_args: Any, conn: Connection) -> None:
         send_msg(conn, ("fatal", f"{type(exc).__name__}: {exc}"))
         return
     send_msg(conn, ("ready", {"num_blocks": core.block_manager.num_usable_blocks}))
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+    outbox: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(target=_read_input, args=(conn, inbox), daemon=True, name="core-input").start()
+    writer = threading.Thread(target=_write_output, args=(conn, outbox), daemon=True, name="core-output")
+    writer.start()
     try:
-        _loop(core, conn)
+        _loop(core, inbox, outbox)
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         pass  # the parent went away
     except Exception:
+        outbox.put(("fatal", traceback.format_exc()))
+    outbox.put(None)
+    writer.join(timeout=10)
+
+
+def _read_input(conn: Connection, inbox: queue.SimpleQueue) -> None:
+    """Input thread: every message from the parent, unpickled, as soon as it arrives; EOF (the
+    parent went away) becomes a shutdown."""
+    try:
+        while True:
+            inbox.put(recv_msg(conn))
+    except (EOFError, OSError):
+        inbox.put(("shutdown",))
+
+
+def _write_output(conn: Connection, outbox: queue.SimpleQueue) -> None:
+    """Output thread: pickles and writes messages in order until a None; a write to a parent that
+    went away ends it (the input thread then sees EOF too)."""
+    while (msg := outbox.get()) is not None:
         try:
-            send_msg(conn, ("fatal", traceback.format_exc()))
+            send_msg(conn, msg)
         except (BrokenPipeError, OSError):
-            pass
+            return
 
 
-def _loop(core: Any, conn: Connection) -> None:
+def _loop(core: Any, inbox: queue.SimpleQueue, outbox: queue.SimpleQueue) -> None:
     while True:
-        # Idle: block until the parent sends something. Busy: only drain what is already there.
-        if not core.has_unfinished():
-            conn.poll(None)
-        changed = False
-        while conn.poll(0):
-            msg = recv_msg(conn)
+        # Idle: block until the parent sends something. Busy: only take what is already there.
+        msgs = [inbox.get()] if not core.has_unfinished() else []
+        while True:
+            try:
+                msgs.append(inbox.get_nowait())
+            except queue.Empty:
+                break
+        for msg in msgs:
             kind = msg[0]
             if kind == "shutdown":
                 return
-            changed = True
             if kind == "add":
                 try:
                     core.add_request(msg[1])
                 except ValueError as exc:
-                    send_msg(conn, ("error", msg[1].request_id, str(exc)))
+                    outbox.put(("error", msg[1].request_id, str(exc)))
             elif kind == "abort":
                 core.abort_requests(msg[1])
         if core.has_unfinished():
-            send_msg(conn, ("outputs", core.step(), core.stats()))
-        elif changed:
-            send_msg(conn, ("outputs", [], core.stats()))
+            outbox.put(("outputs", core.step(), core.stats()))
+        elif msgs:
+            outbox.put(("outputs", [], core.stats()))
 
 
 def start_core_process(engine_args: Any, timeout: float) -> tuple[subprocess.Popen, Connection]:
