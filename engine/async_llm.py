@@ -251,12 +251,12 @@ class AsyncLLM:
                 queue = self._queues.get(out.request_id)
                 if queue is not None:
                     queue.put_nowait(EngineOutputError(out.message) if isinstance(out, RequestError) else out)
-        elif kind == "error":
+        elif kind in ("error", "failed"):  # refused (bad input) or failed in a step (internal)
             parent = self.output_processor.child_to_parent.get(msg[1], msg[1])
             self._abort_now(parent)
             queue = self._queues.get(parent)
             if queue is not None:
-                queue.put_nowait(ValueError(msg[2]))
+                queue.put_nowait(ValueError(msg[2]) if kind == "error" else EngineOutputError(msg[2]))
         elif kind == "fatal":
             self._dead = self._dead or msg[1]
             for queue in self._queues.values():

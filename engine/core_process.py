@@ -10,7 +10,9 @@ event loop never waits on a model step.
 
 parent -> core: ("add", EngineRequest) | ("abort", [request_id]) | ("shutdown",)
 core -> parent: ("ready", info) | ("outputs", [EngineCoreOutput], EngineStats)
-              | ("error", request_id, message) | ("fatal", message)
+              | ("error", request_id, message)    the request was refused (bad input: a 400)
+              | ("failed", request_id, message)   a step running it raised (an internal error: a 500)
+              | ("fatal", message)
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import os
 import pickle
 import subprocess
 import sys
-import traceback
 from multiprocessing.connection import Client, Connection, Listener
 from typing import Any
 
@@ -51,14 +52,22 @@ def run_engine_core(engine_args: Any, conn: Connection) -> None:
         _loop(core, conn)
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         pass  # the parent went away
-    except Exception:
+    except Exception as exc:
+        # The traceback goes to this process's log; the parent (and its clients) get one line.
+        logger.exception("engine core failed")
         try:
-            send_msg(conn, ("fatal", traceback.format_exc()))
+            send_msg(conn, ("fatal", f"engine core failed: {type(exc).__name__}"))
         except (BrokenPipeError, OSError):
             pass
 
 
+# What the parent hears of a request that failed in the core; the traceback stays in this log.
+REQUEST_FAILED = "the engine failed while running this request"
+
+
 def _loop(core: Any, conn: Connection) -> None:
+    from engine.engine_core import StepError
+
     while True:
         # Idle: block until the parent sends something. Busy: only drain what is already there.
         if not core.has_unfinished():
@@ -75,10 +84,20 @@ def _loop(core: Any, conn: Connection) -> None:
                     core.add_request(msg[1])
                 except ValueError as exc:
                     send_msg(conn, ("error", msg[1].request_id, str(exc)))
+                except Exception:  # a bug, not bad input: fail this request, keep serving
+                    logger.exception("adding request %s failed", msg[1].request_id)
+                    send_msg(conn, ("failed", msg[1].request_id, REQUEST_FAILED))
             elif kind == "abort":
                 core.abort_requests(msg[1])
         if core.has_unfinished():
-            send_msg(conn, ("outputs", core.step(), core.stats()))
+            try:
+                outputs = core.step()
+            except StepError as exc:  # the step's requests are aborted; the others go on
+                logger.error("engine step failed; failing its requests %s", exc.request_ids, exc_info=exc)
+                for rid in exc.request_ids:
+                    send_msg(conn, ("failed", rid, REQUEST_FAILED))
+                outputs = []
+            send_msg(conn, ("outputs", outputs, core.stats()))
         elif changed:
             send_msg(conn, ("outputs", [], core.stats()))
 
