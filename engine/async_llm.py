@@ -282,12 +282,12 @@ class AsyncLLM:
                     collector.put_error(EngineOutputError(out.message))
                 else:
                     collector.put(out)
-        elif kind == "error":
+        elif kind in ("error", "failed"):  # refused (bad input) or failed in a step (internal)
             parent = self.output_processor.child_to_parent.get(msg[1], msg[1])
             self._abort_now(parent)
             collector = self._queues.get(parent)
             if collector is not None:
-                collector.put_error(ValueError(msg[2]))
+                collector.put_error(ValueError(msg[2]) if kind == "error" else EngineOutputError(msg[2]))
         elif kind == "fatal":
             self._dead = self._dead or msg[1]
             for collector in self._queues.values():

@@ -14,7 +14,9 @@ runs.
 
 parent -> core: ("add", EngineRequest) | ("abort", [request_id]) | ("shutdown",)
 core -> parent: ("ready", info) | ("outputs", [EngineCoreOutput], EngineStats)
-              | ("error", request_id, message) | ("fatal", message)
+              | ("error", request_id, message)    the request was refused (bad input: a 400)
+              | ("failed", request_id, message)   a step running it raised (an internal error: a 500)
+              | ("fatal", message)
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import queue
 import subprocess
 import sys
 import threading
-import traceback
 from multiprocessing.connection import Client, Connection, Listener
 from typing import Any
 
@@ -66,8 +67,10 @@ def run_engine_core(engine_args: Any, conn: Connection) -> None:
         _loop(core, inbox, outbox)
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         pass  # the parent went away
-    except Exception:
-        outbox.put(("fatal", traceback.format_exc()))
+    except Exception as exc:
+        # The traceback goes to this process's log; the parent (and its clients) get one line.
+        logger.exception("engine core failed")
+        outbox.put(("fatal", f"engine core failed: {type(exc).__name__}"))
     outbox.put(None)
     writer.join(timeout=10)
 
@@ -92,7 +95,13 @@ def _write_output(conn: Connection, outbox: queue.SimpleQueue) -> None:
             return
 
 
+# What the parent hears of a request that failed in the core; the traceback stays in this log.
+REQUEST_FAILED = "the engine failed while running this request"
+
+
 def _loop(core: Any, inbox: queue.SimpleQueue, outbox: queue.SimpleQueue) -> None:
+    from engine.engine_core import StepError
+
     while True:
         # Idle: block until the parent sends something. Busy: only take what is already there.
         msgs = [inbox.get()] if not core.has_unfinished() else []
@@ -110,10 +119,20 @@ def _loop(core: Any, inbox: queue.SimpleQueue, outbox: queue.SimpleQueue) -> Non
                     core.add_request(msg[1])
                 except ValueError as exc:
                     outbox.put(("error", msg[1].request_id, str(exc)))
+                except Exception:  # a bug, not bad input: fail this request, keep serving
+                    logger.exception("adding request %s failed", msg[1].request_id)
+                    outbox.put(("failed", msg[1].request_id, REQUEST_FAILED))
             elif kind == "abort":
                 core.abort_requests(msg[1])
         if core.has_unfinished():
-            outbox.put(("outputs", core.step(), core.stats()))
+            try:
+                outputs = core.step()
+            except StepError as exc:  # the step's requests are aborted; the others go on
+                logger.error("engine step failed; failing its requests %s", exc.request_ids, exc_info=exc)
+                for rid in exc.request_ids:
+                    outbox.put(("failed", rid, REQUEST_FAILED))
+                outputs = []
+            outbox.put(("outputs", outputs, core.stats()))
         elif msgs:
             outbox.put(("outputs", [], core.stats()))
 

@@ -53,6 +53,16 @@ class EngineStats:
     extra: dict = field(default_factory=dict)
 
 
+class StepError(RuntimeError):
+    """A step raised (its cause is ``__cause__``). The requests it ran are finished already
+    (aborted: KV blocks and encoder cache freed) and listed in ``request_ids``, for the caller to
+    fail; the engine serves the others on."""
+
+    def __init__(self, request_ids: list[str]) -> None:
+        super().__init__(f"an engine step failed; its {len(request_ids)} request(s) were aborted")
+        self.request_ids = request_ids
+
+
 def freeze_heap() -> None:
     """Move every object alive now (torch, transformers, the model's modules, the tokenizer:
     ~0.5M objects) out of the cyclic garbage collector's sight, as vLLM does once its engine is up.
@@ -80,6 +90,8 @@ class EngineCore:
         # Async scheduling: the chained step launched by the previous step() call, if any.
         self._inflight: tuple[SchedulerOutput, StepHandle] | None = None
         self.async_scheduling = config.scheduler.async_scheduling
+        # The scheduler outputs of the step being run: the requests to fail if it raises.
+        self._in_step: list[SchedulerOutput] = []
         freeze_heap()
 
     def add_request(self, req: EngineRequest) -> None:
@@ -99,7 +111,12 @@ class EngineCore:
             )
         if req.request_id in self.scheduler.requests:
             raise ValueError(f"request_id: {req.request_id!r} is already running")
-        self.scheduler.add_request(Request(req, limit, self.config.model.pooling_type))
+        request = Request(req, limit, self.config.model.pooling_type)
+        if req.sampling_params is not None and req.sampling_params.seed is not None:
+            # Here rather than in a step: a seed torch refuses fails this request alone (a
+            # ValueError naming the seed), not the batch it would have joined.
+            request.generator = self.runner.sampler.make_generator(req.sampling_params.seed)
+        self.scheduler.add_request(request)
 
     def abort_requests(self, request_ids: list[str]) -> None:
         for req in self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED):
@@ -116,16 +133,43 @@ class EngineCore:
         tokens are read back (see ``Scheduler.schedule_next``), so the host's scheduling, input preparation and output handling
         overlap the device; the successor is collected by the next call. ``idle`` runs on the host
         while the device computes (before this step's tokens are waited for): e.g. the offline
-        front end processing more prompts."""
+        front end processing more prompts.
+
+        If the step raises, its requests are aborted and ``StepError`` names them: one failing
+        step (a bug, a request the validation let through) must not take down the engine."""
         outputs, self._aborted = self._aborted, []
+        self._in_step = []
+        try:
+            return outputs + self._step(idle)
+        except Exception as exc:
+            self._aborted = outputs + self._aborted  # still owed to the front end
+            raise StepError(self._fail_step()) from exc
+
+    def _fail_step(self) -> list[str]:
+        """Abort the requests of the step that raised (every request if it raised before one was
+        scheduled: the scheduler itself failed) and return their ids. Their outputs of this step
+        are lost, so even those that finished in it are reported."""
+        self._inflight = None  # a chained successor reads the failed step's tokens
+        if self._in_step:
+            ids = list(dict.fromkeys(req.request_id for out in self._in_step for req, _ in out.scheduled))
+        else:
+            ids = list(self.scheduler.requests)
+        self._in_step = []
+        for req in self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED):
+            self.runner.encoder_cache.release(req.request_id)
+        return ids
+
+    def _step(self, idle: Callable[[], None] | None) -> list[EngineCoreOutput]:
         t0 = time.perf_counter()
         if self._inflight is not None:
             sched_out, handle = self._inflight
             self._inflight = None
+            self._in_step.append(sched_out)
         else:
             sched_out = self.scheduler.schedule()
             if sched_out.is_empty:
-                return outputs
+                return []
+            self._in_step.append(sched_out)
             handle = self.runner.launch(sched_out)
         # A step with prompt tokens keeps the device busy long enough to run ``idle`` first, so
         # that what it queues (more prompts) can join the successor; a decode step is too short:
@@ -138,12 +182,15 @@ class EngineCore:
         if self.async_scheduling:
             nxt = self.scheduler.schedule_next(sched_out)
             if nxt is not None:
+                self._in_step.append(nxt)
                 self._inflight = (nxt, self.runner.launch(nxt, prev=handle))
         if idle is not None and not idle_first:
             idle()
         result = self.runner.collect(handle)
         self.last_step_time = time.perf_counter() - t0
-        return outputs + self._process(sched_out, result)
+        outputs = self._process(sched_out, result)
+        self._in_step = []
+        return outputs
 
     def _process(self, sched_out: SchedulerOutput, result: RunnerOutput) -> list[EngineCoreOutput]:
         """Advance the scheduler with a step's results; one output per request that got a token."""

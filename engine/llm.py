@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 from engine.config import EngineArgs
-from engine.engine_core import EngineCore
+from engine.engine_core import EngineCore, StepError
 from engine.media import MediaLoader
 from engine.output_processor import OutputKind, OutputProcessor
 from engine.outputs import (
@@ -196,6 +196,9 @@ class LLM:
                         results[out.request_id] = out
                         if bar is not None:
                             bar.update(1)
+        except StepError:
+            self._abort_all(order)  # the step's requests are gone already: drop the rest of the call too
+            raise
         finally:
             if bar is not None:
                 bar.close()

@@ -481,9 +481,6 @@ class ModelRunner:
         pooled = self._pool(batch.pool_rows, hidden) if batch.pool_rows else {}
         if not batch.sample_reqs:
             return StepHandle(batch, None, {}, pooled)
-        for req in batch.sample_reqs:
-            if req.params.seed is not None and req.generator is None:
-                req.generator = self.sampler.make_generator(req.params.seed)
         # logits: [M, vocab] in the model's dtype (the sampler upcasts what it computes with)
         logits = self.model.compute_logits(hidden[batch.logits_indices], upcast=False)
         token_ids, lps = self.sampler.sample(logits, batch.sample_reqs)  # token_ids: [M] int64

@@ -81,7 +81,9 @@ class Request:
         self.num_cached_tokens = 0  # prefix-cache hit length at first schedule
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None
-        self.generator: Any = None  # torch.Generator when the request is seeded
+        # torch.Generator of a seeded request, made by EngineCore.add_request (where a bad seed
+        # fails this request alone, not a step)
+        self.generator: Any = None
         self.first_scheduled_time: float | None = None
         self.prompt_logprobs_acc: list = []  # per prompt position: None or [(token, logprob, rank), ...]
         self.pooling_params = req.pooling_params

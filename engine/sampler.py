@@ -54,7 +54,11 @@ class Sampler:
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def make_generator(self, seed: int) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(seed)
+        """A generator of a seeded request; a seed torch refuses raises ValueError naming it."""
+        try:
+            return torch.Generator(device=self.device).manual_seed(seed)
+        except (ValueError, RuntimeError, OverflowError) as exc:  # torch: "Overflow when unpacking long long"
+            raise ValueError(f"seed: cannot seed a generator with {seed!r} ({exc})") from None
 
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
         # logits: [M, V] fp32 or the model dtype (see sample), row r belongs to reqs[r]
@@ -224,7 +228,8 @@ class Sampler:
 def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
     vocab = logits.shape[1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    k = _h2d([k if k > 0 else vocab for k in top_k], torch.long, logits.device)
+    # A top_k past the vocabulary keeps every token: clamped, so that any int fits the tensor.
+    k = _h2d([min(k, vocab) if k > 0 else vocab for k in top_k], torch.long, logits.device)
     position = torch.arange(vocab, device=logits.device)[None, :]
     mask = position >= k[:, None]
     p = _h2d(top_p, torch.float32, logits.device)[:, None]

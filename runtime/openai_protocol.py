@@ -24,7 +24,14 @@ class OpenAIBaseModel(BaseModel):
 # ---------------------------------------------------------------------------------------------
 
 
-class StreamOptions(OpenAIBaseModel):
+class StrictModel(OpenAIBaseModel):
+    """Fields of the exact JSON type: ``"10"`` or ``true`` for an integer, ``"yes"`` for a
+    boolean and non-finite numbers are 400s naming the field, not coerced (an int is a float)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
@@ -77,8 +84,9 @@ class ChatMessage(OpenAIBaseModel):
         return content
 
 
-class _SamplingRequest(OpenAIBaseModel):
-    """Fields common to chat and text completions, and their mapping onto SamplingParams."""
+class _SamplingRequest(StrictModel):
+    """Fields common to chat and text completions, and their mapping onto SamplingParams (whose
+    validation, shared with every route, bounds the values)."""
 
     model: str | None = None
     n: int = 1

@@ -24,6 +24,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
+from runtime.errors import internal_error_message
 from runtime.openai_dataplane import OpenAIDataPlane, OpenAIError, bad_request
 from runtime.openai_protocol import (
     ChatCompletionRequest,
@@ -46,8 +47,7 @@ def error_response(err: OpenAIError) -> Response:
 
 
 def _internal_error(exc: BaseException) -> OpenAIError:
-    logger.exception("request failed", exc_info=exc)
-    return OpenAIError(500, f"internal error: {type(exc).__name__}: {exc}", type="internal_server_error",
+    return OpenAIError(500, internal_error_message(logger, exc), type="internal_server_error",
                        code="internal_error")
 
 

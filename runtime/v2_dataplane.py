@@ -150,6 +150,8 @@ def _coerce(key: str, value: Any) -> Any:
     what = "an integer" if kind is int else "a number"
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise TypeError(f"must be {what}, got {value!r}")
+    if kind is int and isinstance(value, int):
+        return value  # exact: a seed past 2**53 must not round through float (SamplingParams bounds it)
     try:
         out = float(value)
     except ValueError:

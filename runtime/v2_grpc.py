@@ -29,6 +29,7 @@ from grpc_interceptor import exceptions as grpc_exc
 
 from runtime import v2_grpc_predict_pb2 as pb
 from runtime import v2_grpc_predict_pb2_grpc as pb_grpc
+from runtime.errors import internal_error_message
 from runtime.v2_codec import V2Error, decode_grpc_request, encode_grpc_response
 from runtime.v2_dataplane import NO_REPOSITORY, Piece, V2DataPlane, output_tensors, parse_request
 
@@ -110,6 +111,8 @@ class V2InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             piece = await self._v2.infer(model, req)
         except V2Error as err:
             raise grpc_error(err) from err
+        except Exception as exc:  # KServe's interceptor would answer INTERNAL without an id to quote
+            raise grpc_exc.Internal(internal_error_message(logger, exc, "infer request failed")) from exc
         return self._response(request, decoded, piece)
 
     async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> Any:
@@ -129,8 +132,7 @@ class V2InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                logger.exception("stream request failed", exc_info=exc)
-                queue.put_nowait(self._error(request, f"internal error: {type(exc).__name__}: {exc}"))
+                queue.put_nowait(self._error(request, internal_error_message(logger, exc, "stream request failed")))
 
         async def read_requests() -> None:
             try:

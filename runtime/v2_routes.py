@@ -35,6 +35,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
+from runtime.errors import internal_error_message
 from runtime.openai_routes import EngineStreamingResponse, run_until_disconnect
 from runtime.v2_codec import (
     DecodedRequest,
@@ -55,8 +56,7 @@ def error_response(err: V2Error) -> JSONResponse:
 
 
 def _internal(exc: BaseException) -> V2Error:
-    logger.exception("v2 request failed", exc_info=exc)
-    return V2Error(f"internal error: {type(exc).__name__}: {exc}", 500)
+    return V2Error(internal_error_message(logger, exc, "v2 request failed"), 500)
 
 
 async def _handle(request: Request, call: Callable[[], Awaitable[Response]]) -> Response:
