@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.media import MediaLoader
+from engine.media import MediaLoader, url_scheme
 
 
 @dataclass
@@ -90,12 +90,36 @@ def _image_of(part: dict[str, Any], kind: str, where: str, loader: MediaLoader) 
         if img is None or not hasattr(img, "convert"):
             raise ValueError(f"{where}.image: expected a PIL image")
         return img
+    return loader.load_image(_image_url_of(part, where), what=f"{where}.image_url")
+
+
+def _image_url_of(part: dict[str, Any], where: str) -> Any:
     ref = part.get("image_url")
     if isinstance(ref, str):
         raise ValueError(f"{where}.image_url: must be an object {{\"url\": ...}}, not a bare string")
     if not isinstance(ref, dict) or "url" not in ref:
         raise ValueError(f"{where}.image_url: must be an object with a 'url'")
-    return loader.load_image(ref["url"], what=f"{where}.image_url")
+    return ref["url"]
+
+
+def remote_image_urls(messages: Any) -> list[tuple[str, str]]:
+    """``(url, what)`` of every http(s) ``image_url`` part, named as ``parse_chat`` names it, so a
+    server can fetch them before parsing (``MediaLoader.fetch_all_async``). Never raises: parts
+    that ``parse_chat`` rejects are skipped here and reported there."""
+    found = []
+    for m_index, msg in enumerate(messages if isinstance(messages, list) else []):
+        content = msg.get("content") if isinstance(msg, dict) else None
+        for p_index, part in enumerate(content if isinstance(content, list) else []):
+            if not isinstance(part, dict) or part.get("type") != "image_url":
+                continue
+            where = f"messages[{m_index}].content[{p_index}]"
+            try:
+                url = _image_url_of(part, where)
+            except ValueError:
+                continue
+            if isinstance(url, str) and url_scheme(url) in ("http", "https"):
+                found.append((url, f"{where}.image_url"))
+    return found
 
 
 def _video_of(part: dict[str, Any], where: str) -> Any:

@@ -4,22 +4,35 @@ The offline ``LLM.chat`` and the server use this one loader. Every untrusted inp
 bytes downloaded or decoded, decoded pixels, total fetch time, URL schemes, remote domains (when
 an allow-list is set) and local paths (only inside ``allowed_local_media_path``, after resolving
 symlinks). Failures raise ``MediaError`` (a ValueError) with an HTTP status for the server.
+
+Remote fetches are async (httpx) under one total deadline (``fetch_async``). The server fetches a
+request's images concurrently on its event loop (``fetch_all_async``) and hands the bytes to its
+prompt workers (``with_prefetched``), so a slow host holds neither the loop nor a worker; offline
+``LLM.chat`` runs the same fetch on a private loop (``load_image``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import concurrent.futures
+import functools
 import io
 import os
-import time
+import ssl
 import urllib.parse
-import urllib.request
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    import httpx
 
 DEFAULT_FETCH_TIMEOUT = 5.0
+MAX_REDIRECTS = 10  # as urllib's
+T = TypeVar("T")
 
 
 class MediaError(ValueError):
@@ -64,7 +77,7 @@ class MediaLoader:
         """A PIL RGB image from a URL string; raises MediaError naming ``what`` on any problem."""
         if not isinstance(url, str) or not url:
             raise MediaError(f"{what}: expected a URL string")
-        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+        scheme = url_scheme(url)
         if scheme == "data":
             data = self._decode_data_url(url, what)
         elif scheme in ("http", "https"):
@@ -107,38 +120,111 @@ class MediaLoader:
             raise MediaError(f"{what}: invalid base64 data ({exc})") from exc
 
     def _fetch(self, url: str, what: str) -> bytes:
+        """The synchronous fetch (offline ``LLM.chat``): the async fetch on a private event loop,
+        so the same total deadline holds."""
+        return _run_blocking(lambda: self.fetch_async(url, what))
+
+    async def fetch_async(self, url: str, what: str = "image_url", client: httpx.AsyncClient | None = None,
+                          slots: asyncio.Semaphore | None = None) -> bytes:
+        """Download an http(s) URL within one total deadline (waiting for one of ``slots``, connect,
+        headers and body of every redirect hop): urllib-style per-socket-operation timeouts let a
+        host that drips one byte at a time hold a fetch for ever. ``client``: an
+        ``httpx.AsyncClient`` from ``http_client()`` to share, else one is made for this fetch."""
+        try:
+            return await asyncio.wait_for(self._fetch_in_slot(url, what, client, slots), self.timeout)
+        except MediaError:
+            raise
+        except (asyncio.TimeoutError, TimeoutError) as exc:
+            raise self._timed_out(what) from exc
+        except Exception as exc:  # httpx's transport, protocol and URL errors, OSError
+            import httpx
+
+            if isinstance(exc, httpx.TimeoutException):  # a per-operation timeout, also <= the total
+                raise self._timed_out(what) from exc
+            raise MediaError(f"{what}: cannot fetch image ({type(exc).__name__}: {exc})") from exc
+
+    async def fetch_all_async(self, refs: Sequence[tuple[str, str]],
+                              slots: asyncio.Semaphore | None = None) -> dict[str, bytes]:
+        """``{url: bytes}`` of ``refs`` (``(url, what)`` pairs, http(s) only), fetched concurrently
+        over one client, each within its own deadline. The first failure (in ``refs`` order among
+        those done) is raised and the other fetches are cancelled: the request fails anyway."""
+        unique: dict[str, str] = {}
+        for url, what in refs:
+            unique.setdefault(url, what)  # one fetch per URL; errors name its first part
+        if not unique:
+            return {}
+        async with self.http_client() as client:
+            tasks = [asyncio.ensure_future(self.fetch_async(url, what, client, slots)) for url, what in unique.items()]
+            try:
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            finally:  # also when the request itself is cancelled (its client went away)
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)  # unwound before the client closes
+            for task in tasks:
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()
+            return {url: task.result() for url, task in zip(unique, tasks)}
+
+    def http_client(self) -> httpx.AsyncClient:
+        """An ``httpx.AsyncClient`` for image fetches: redirects are followed by ``_download``
+        (each hop re-checked), bodies come unencoded (so ``max_bytes`` counts what is stored)."""
+        import httpx
+
+        return httpx.AsyncClient(follow_redirects=False, timeout=self.timeout, verify=_ssl_context(),
+                                 headers={"Accept-Encoding": "identity"})
+
+    def with_prefetched(self, fetched: Mapping[str, bytes]) -> MediaLoader:
+        """A loader that takes http(s) URLs from ``fetched`` (see ``fetch_all_async``) and never
+        touches the network: the server's prompt workers only decode."""
+        return _PrefetchedLoader(self, fetched)
+
+    async def _fetch_in_slot(self, url: str, what: str, client: httpx.AsyncClient | None,
+                             slots: asyncio.Semaphore | None) -> bytes:
+        if slots is None:
+            return await self._download(url, what, client)
+        async with slots:
+            return await self._download(url, what, client)
+
+    async def _download(self, url: str, what: str, client: httpx.AsyncClient | None) -> bytes:
+        if client is None:
+            async with self.http_client() as own:
+                return await self._download(url, what, own)
+        for _ in range(MAX_REDIRECTS + 1):
+            self._check_remote(url, what)  # every hop: a redirect must not escape the allow-list
+            async with client.stream("GET", url) as resp:
+                if resp.is_redirect and "location" in resp.headers:
+                    url = str(resp.url.join(resp.headers["location"]))
+                    continue
+                if resp.status_code >= 400:
+                    raise MediaError(f"{what}: cannot fetch image (HTTP {resp.status_code} {resp.reason_phrase})")
+                return await self._read_body(resp, what)
+        raise MediaError(f"{what}: more than {MAX_REDIRECTS} redirects")
+
+    def _check_remote(self, url: str, what: str) -> None:
+        scheme = url_scheme(url)
+        if scheme not in ("http", "https"):
+            raise MediaError(f"{what}: unsupported URL scheme {scheme or url[:16]!r}; use http(s)://")
         host = urllib.parse.urlsplit(url).hostname or ""
         domains = self.config.allowed_media_domains
         if domains is not None and host not in domains:
             raise MediaError(f"{what}: domain {host!r} is not in --allowed-media-domains")
-        deadline = time.monotonic() + self.timeout
-        try:
-            with urllib.request.urlopen(url, timeout=self.timeout) as resp:
-                chunks, total = [], 0
-                sock = _socket_of(resp)
-                while True:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise MediaError(f"{what}: fetching the image timed out after {self.timeout:g} s")
-                    if sock is not None:  # a slow drip must not outlive the deadline
-                        sock.settimeout(remaining)
-                    chunk = resp.read1(64 * 1024)
-                    if not chunk:
-                        break
-                    total += len(chunk)
-                    if total > self.config.max_bytes:
-                        raise MediaError(f"{what}: download exceeds the limit of {self.config.max_bytes} bytes", 413)
-                    chunks.append(chunk)
-                return b"".join(chunks)
-        except MediaError:
-            raise
-        except TimeoutError as exc:
-            raise MediaError(f"{what}: fetching the image timed out after {self.timeout:g} s") from exc
-        except Exception as exc:  # URLError, HTTPError, socket errors
-            reason = getattr(exc, "reason", exc)
-            if isinstance(reason, TimeoutError) or "timed out" in str(reason):
-                raise MediaError(f"{what}: fetching the image timed out after {self.timeout:g} s") from exc
-            raise MediaError(f"{what}: cannot fetch image ({type(exc).__name__}: {reason})") from exc
+
+    async def _read_body(self, resp: httpx.Response, what: str) -> bytes:
+        limit = self.config.max_bytes
+        declared = resp.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise MediaError(f"{what}: download of {declared} bytes exceeds the limit of {limit} bytes", 413)
+        chunks, total = [], 0
+        async for chunk in resp.aiter_bytes():
+            total += len(chunk)
+            if total > limit:  # a missing or lying Content-Length
+                raise MediaError(f"{what}: download exceeds the limit of {limit} bytes", 413)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _timed_out(self, what: str) -> MediaError:
+        return MediaError(f"{what}: fetching the image timed out after {self.timeout:g} s")
 
     def _read_local(self, url: str, what: str) -> bytes:
         if self.allowed_root is None:
@@ -153,7 +239,50 @@ class MediaLoader:
         return path.read_bytes()
 
 
-def _socket_of(resp: Any) -> Any:
-    """The socket under an urllib response (to bound each read by the time left), if reachable."""
-    raw = getattr(getattr(resp, "fp", None), "raw", None)
-    return getattr(raw, "_sock", None)
+class _PrefetchedLoader(MediaLoader):
+    """``MediaLoader.with_prefetched``: same bounds, remote images from a dict."""
+
+    def __init__(self, base: MediaLoader, fetched: Mapping[str, bytes]) -> None:
+        self.config = base.config
+        self.allowed_root = base.allowed_root
+        self._fetched = fetched
+
+    def _fetch(self, url: str, what: str) -> bytes:
+        data = self._fetched.get(url)
+        if data is None:  # the server's URL collection missed a part parse_chat loads: a bug
+            raise MediaError(f"{what}: the image was not fetched before rendering", 500)
+        return data
+
+
+def url_scheme(url: str) -> str:
+    """The lower-cased scheme of a URL string ("" without one)."""
+    return url.split(":", 1)[0].lower() if ":" in url else ""
+
+
+@functools.lru_cache(maxsize=1)
+def _ssl_context() -> ssl.SSLContext:
+    """The system's default verification (as urllib had), built once: loading CAs per client is slow."""
+    return ssl.create_default_context()
+
+
+def _run_blocking(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine to completion from synchronous code: on a private event loop in this
+    thread, or on a helper thread when this thread already runs a loop (LLM.chat called from
+    async code, e.g. a notebook)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return _run_on_new_loop(make())
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vlmserve-fetch") as pool:
+        return pool.submit(lambda: _run_on_new_loop(make())).result()
+
+
+def _run_on_new_loop(coro: Coroutine[Any, Any, T]) -> T:
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        # Not asyncio.run: its shutdown waits for the default executor, where a DNS lookup past
+        # the deadline may still be running; close() leaves that thread to finish on its own.
+        loop.close()

@@ -6,9 +6,10 @@ short generation and only then sets ``ready``. ``stop()`` shuts the engine down.
 
 What the protocol dataplanes (OpenAI now; v2 infer / gRPC streaming later) use:
 
-* ``render_chat(messages)`` / ``encode_text(text)`` -> ``EnginePrompt`` (template, media loading
-  and tokenisation run in worker threads, off the event loop; image preprocessing itself runs
-  in the engine's ``process``, also off the loop)
+* ``render_chat(messages)`` / ``encode_text(text)`` -> ``EnginePrompt`` (remote images are
+  fetched asynchronously first; template, image decoding and tokenisation run in worker
+  threads, off the event loop; image preprocessing itself runs in the engine's ``process``,
+  also off the loop)
 * ``generate(prompt, params, request_id, kind)`` -> async iterator of ``RequestOutput``
 * ``max_model_len``, ``stats``, ``served_names``
 
@@ -34,6 +35,8 @@ from engine.sampling_params import SamplingParams
 from runtime._kserve import kserve
 
 logger = logging.getLogger("vlmserve.model")
+
+MAX_CONCURRENT_FETCHES = 64  # remote image downloads in flight, all requests together
 
 
 class PromptError(ValueError):
@@ -98,9 +101,14 @@ class VLMModel(kserve.Model):
         self._stopped = False
         self._lock = threading.Lock()
         self._media_loader: Any = None
-        # Templating, tokenisation and media loading run here, never on the event loop.
+        # Templating, tokenisation and image decoding run here, never on the event loop. Remote
+        # images are fetched before (``_prefetch_images``), never in these workers: a slow host
+        # would hold one for the whole fetch timeout and queue everyone's tokenisation behind it.
         workers = max(2, min(8, os.cpu_count() or 2))
         self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="vlmserve-prompt")
+        # Fetches in flight across all requests (sockets, buffers up to max_image_bytes each);
+        # waiting for a slot counts against the fetch's own deadline.
+        self._fetch_slots = asyncio.Semaphore(MAX_CONCURRENT_FETCHES)
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -197,19 +205,20 @@ class VLMModel(kserve.Model):
         return bool(self.chat_template or getattr(self.llm.tokenizer, "chat_template", None))
 
     async def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> EnginePrompt:
-        """Apply the chat template (``--chat-template`` or the model's), load any images, and
-        tokenise, in a worker thread. Errors are ValueErrors naming the field (``MediaError``
-        carries its HTTP status)."""
+        """Fetch any http(s) images (async, ``_prefetch_images``), then apply the chat template
+        (``--chat-template`` or the model's), decode the images and tokenise, in a worker thread.
+        Errors are ValueErrors naming the field (``MediaError`` carries its HTTP status)."""
         if not self.has_chat_template:
             raise PromptError(
                 f"model {self.name!r} has no chat template and the server was started without "
                 "--chat-template; use /v1/completions or restart with --chat-template FILE",
                 param="messages", code="chat_template_missing")
         conv = [flatten_text_content(m) for m in messages]
+        loader = await self._prefetch_images(conv)
 
         def work() -> EnginePrompt:
             try:
-                p = self.llm.processor.chat_prompt(conv, self._media_loader, self.chat_template, add_generation_prompt)
+                p = self.llm.processor.chat_prompt(conv, loader, self.chat_template, add_generation_prompt)
             except ValueError:
                 raise
             except Exception as exc:  # a template error (jinja raise_exception, missing key...)
@@ -217,6 +226,18 @@ class VLMModel(kserve.Model):
             return EnginePrompt(p.get("prompt"), list(p["prompt_token_ids"]), p.get("multi_modal_data"))
 
         return await self._in_pool(work)
+
+    async def _prefetch_images(self, conv: list[dict[str, Any]]) -> Any:
+        """Fetch the conversation's http(s) images here, concurrently on the event loop, each
+        within the fetch timeout: a slow host then holds neither a prompt worker nor anyone
+        else's request. Returns the loader the prompt worker uses (it only decodes)."""
+        from engine.chat import remote_image_urls
+
+        refs = remote_image_urls(conv)
+        if not refs:
+            return self._media_loader
+        fetched = await self._media_loader.fetch_all_async(refs, self._fetch_slots)
+        return self._media_loader.with_prefetched(fetched)
 
     async def encode_text(self, text: str, add_special_tokens: bool = True) -> EnginePrompt:
         """Tokenise a completion prompt (with the tokenizer's special tokens, e.g. BOS, by default)."""
