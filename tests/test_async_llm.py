@@ -56,7 +56,10 @@ def test_cumulative_outputs_grow(engine):
         return seen
 
     seen = asyncio.run(run())
-    assert [len(s) for s in seen] == list(range(1, len(seen) + 1))
+    # A consumer that is behind gets only the newest cumulative output (the ones it missed are
+    # its prefixes), so lengths grow strictly but may skip.
+    lengths = [len(s) for s in seen]
+    assert lengths == sorted(set(lengths)) and lengths[0] >= 1 and lengths[-1] == 5
     assert all(seen[-1][: len(s)] == s for s in seen)
 
 
