@@ -45,6 +45,8 @@ class ModelConfig:
     task: str = "generate"  # "generate" | "embed"
     pooling_type: str = "LAST"  # embed task: "LAST" | "MEAN" | "CLS"
     enforce_eager: bool = False  # CUDA: no CUDA graphs for decode-only steps
+    # (height, width) of the images whose vision passes are warmed up at start (engine.warmup).
+    warmup_image_sizes: tuple[tuple[int, int], ...] = ()
 
     @property
     def is_pooling(self) -> bool:
@@ -122,6 +124,9 @@ class EngineArgs:
     # Overlap host work with the device: launch decode step n+1 before step n's tokens are read
     # back (vLLM's --async-scheduling). Outputs are the same; off runs every step synchronously.
     async_scheduling: bool = True
+    # Image sizes (height, width) whose vision passes are captured at start, so the first burst of
+    # such images runs at full speed (engine.warmup; CUDA graphs only). () or None: none.
+    warmup_image_sizes: tuple[tuple[int, int], ...] | None = ((448, 448),)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def media_config(self) -> "MediaConfig":
@@ -155,6 +160,10 @@ class EngineArgs:
             raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {self.task!r}")
         if self.pooling_type is not None and str(self.pooling_type).upper() not in POOLING_TYPES:
             raise ValueError(f"pooling_type: expected one of {', '.join(POOLING_TYPES)}, got {self.pooling_type!r}")
+        for size in self.warmup_image_sizes or ():
+            if (not isinstance(size, (tuple, list)) or len(size) != 2
+                    or not all(isinstance(v, int) and 0 < v <= 8192 for v in size)):
+                raise ValueError(f"warmup_image_sizes: expected (height, width) pairs in [1, 8192], got {size!r}")
         if self.cpu_kv_cache_space <= 0:
             raise ValueError(f"cpu_kv_cache_space: must be positive GiB, got {self.cpu_kv_cache_space}")
 
@@ -200,6 +209,7 @@ class EngineArgs:
             task="embed" if self.task in ("embed", "embedding") else "generate",
             pooling_type=str(self.pooling_type or "LAST").upper(),
             enforce_eager=bool(self.enforce_eager),
+            warmup_image_sizes=tuple((int(h), int(w)) for h, w in (self.warmup_image_sizes or ())),
         )
         cache = CacheConfig(
             block_size=self.block_size,

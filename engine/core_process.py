@@ -58,6 +58,12 @@ def run_engine_core(engine_args: Any, conn: Connection) -> None:
         send_msg(conn, ("fatal", f"{type(exc).__name__}: {exc}"))
         return
     send_msg(conn, ("ready", {"num_blocks": core.block_manager.num_usable_blocks}))
+    serve_core(core, conn)
+
+
+def serve_core(core: Any, conn: Connection) -> None:
+    """Serve the parent on ``conn`` until it sends a shutdown or goes away: the input and output
+    threads around the step loop."""
     inbox: queue.SimpleQueue = queue.SimpleQueue()
     outbox: queue.SimpleQueue = queue.SimpleQueue()
     threading.Thread(target=_read_input, args=(conn, inbox), daemon=True, name="core-input").start()

@@ -18,6 +18,7 @@ from engine.model_runner import ModelRunner, RunnerOutput, StepHandle
 from engine.request import EngineRequest, Request, RequestStatus
 from engine.sampler import TokenLogprob
 from engine.scheduler import Scheduler, SchedulerOutput
+from engine.warmup import warm_up_vision
 
 
 @dataclass
@@ -92,6 +93,7 @@ class EngineCore:
         self.async_scheduling = config.scheduler.async_scheduling
         # The scheduler outputs of the step being run: the requests to fail if it raises.
         self._in_step: list[SchedulerOutput] = []
+        warm_up_vision(self)
         freeze_heap()
 
     def add_request(self, req: EngineRequest) -> None:

@@ -32,8 +32,22 @@ _ENGINE_FIELDS = (
     "enable_chunked_prefill", "block_size", "enable_prefix_caching", "gpu_memory_utilization",
     "cpu_kv_cache_space", "num_gpu_blocks_override", "seed", "trust_remote_code", "attention_backend",
     "allowed_local_media_path", "max_image_bytes", "max_image_pixels", "task", "pooling_type",
-    "enforce_eager", "async_scheduling",
+    "enforce_eager", "async_scheduling", "warmup_image_sizes",
 )
+
+
+def parse_image_sizes(value: str) -> tuple[tuple[int, int], ...]:
+    """``448x448,672x448`` (height x width) -> ((448, 448), (672, 448)); ``none`` or empty -> ()."""
+    text = value.strip().lower()
+    if text in ("", "none"):
+        return ()
+    sizes = []
+    for part in text.split(","):
+        h, sep, w = part.strip().partition("x")
+        if not sep or not h.isdigit() or not w.isdigit() or not 0 < int(h) <= 8192 or not 0 < int(w) <= 8192:
+            raise argparse.ArgumentTypeError(f"{part.strip()!r} is not HEIGHTxWIDTH in pixels (e.g. 448x448)")
+        sizes.append((int(h), int(w)))
+    return tuple(sizes)
 
 
 def parse_limit_mm_per_prompt(value: str) -> dict[str, int]:
@@ -143,6 +157,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="largest encoded image accepted, in bytes (default: 20 MiB); larger -> 413")
     g.add_argument("--max-image-pixels", type=int, default=8192 * 8192, metavar="N",
                    help="largest decoded image accepted, width * height (default: 8192*8192); larger -> 413")
+    g.add_argument("--warmup-image-sizes", type=parse_image_sizes, default=d.warmup_image_sizes, metavar="HxW,...",
+                   help="CUDA: image sizes whose vision passes (1 to a step's worth of images) are captured "
+                        "before the server reports ready (default: 448x448; 'none' to skip)")
 
     f = parser.add_argument_group("front end")
     f.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",

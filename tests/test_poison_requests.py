@@ -31,7 +31,7 @@ from test_server_v2 import _import_tritonclient_grpc
 from tritonclient.utils import InferenceServerException
 
 from engine import LLM, SamplingParams
-from engine.core_process import _loop, recv_msg, send_msg
+from engine.core_process import recv_msg, send_msg, serve_core
 from engine.engine_core import StepError
 from engine.request import EngineRequest
 from engine.sampler import Sampler
@@ -314,7 +314,7 @@ def test_core_loop_fails_the_requests_of_a_failing_step_and_keeps_serving(llm, m
 
     monkeypatch.setattr(core.runner, "launch", launch)
     parent, child = Pipe()
-    loop = threading.Thread(target=_loop, args=(core, child), daemon=True)
+    loop = threading.Thread(target=serve_core, args=(core, child), daemon=True)
     loop.start()
     send_msg(parent, ("add", _request(llm, "poison", 4)))
     failed = _until(parent, lambda m: m[0] == "failed")
