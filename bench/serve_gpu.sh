@@ -60,6 +60,25 @@ vlmserve)
     bench vlmserve http://127.0.0.1:8000 --grpc-target 127.0.0.1:8081 --routes openai-chat --concurrency 1 --num-requests 16
     bench vlmserve http://127.0.0.1:8000 --grpc-target 127.0.0.1:8081 --routes v2-stream,grpc-stream --concurrency 512 --num-requests 512
     kill -INT $pid; wait $pid ;;
+profile)  # where the server's time goes: py-spy (carried in .prof) on the API and core processes
+    ours_env
+    python3 -m pip install -q --no-index --no-deps --target /tmp/pyspy .prof/py_spy*.whl
+    python3 -m runtime.serve "$W1" --host 127.0.0.1 --port 8000 --grpc-port 8081 --served-model-name w1 \
+        --max-num-seqs 512 --max-model-len 4096 > "$OUT/vlmserve_profile.log" 2>&1 &
+    pid=$!
+    wait_ready http://127.0.0.1:8000 /v2/health/ready 300 || { tail -n 40 "$OUT/vlmserve_profile.log"; exit 1; }
+    core=$(pgrep -f engine.core_process | head -n 1)
+    for c in 64 512; do  # 384 / 1024 requests: ~9 / ~22 s; 8 s sampled from the 4th second on
+        (sleep 4; /tmp/pyspy/bin/py-spy record -p $pid -r 200 -f raw --threads --nonblocking -d 8 \
+            -o "$OUT/pyspy_api_$c.txt" > "$OUT/pyspy_api_$c.log" 2>&1) &
+        p1=$!
+        (sleep 4; /tmp/pyspy/bin/py-spy record -p "$core" -r 200 -f raw --threads --nonblocking -d 8 \
+            -o "$OUT/pyspy_core_$c.txt" > "$OUT/pyspy_core_$c.log" 2>&1) &
+        p2=$!
+        bench vlmserve http://127.0.0.1:8000 --routes openai-chat --concurrency $c --num-requests $(( c == 64 ? 384 : 1024 ))
+        wait $p1 $p2
+    done
+    kill -INT $pid; wait $pid ;;
 vllm)
     if [ ! -d /tmp/site/vllm ]; then
         (cd /tmp/vw && cat part_a part_b part_c part_d part_e > "$(cat wheel.name)" \
