@@ -27,7 +27,9 @@ the v2 protocol carries image bytes.
 
 ``run_load(url, route, payloads, concurrency, ...) -> RunResult`` and ``summarize(result)`` are
 the importable client (tests/test_serve_bench.py drives a server it starts itself with them).
-Note: ``--image-source http`` serves from 127.0.0.1, so with ``--url`` the server must be local.
+Note: ``--image-source http`` serves from 127.0.0.1, so with ``--url`` the server must be local
+and opened to loopback image URLs (vlmserve: ``--allow-private-media-urls``; a server the bench
+starts gets ``VLMSERVE_ALLOW_PRIVATE_MEDIA_URLS=1``).
 """
 
 from __future__ import annotations
@@ -663,9 +665,12 @@ def main(argv: list[str] | None = None) -> int:
             url, grpc_target = f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}"
             env = dict(os.environ)
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-            # The server fetches --image-source http images from this machine: never via a proxy.
+            # The server fetches --image-source http images from this machine: never via a proxy,
+            # and from a loopback address, which vlmserve refuses unless told.
             for key in ("NO_PROXY", "no_proxy"):
                 env[key] = ",".join(filter(None, [env.get(key), "127.0.0.1", "localhost"]))
+            if args.image_source == "http":
+                env["VLMSERVE_ALLOW_PRIVATE_MEDIA_URLS"] = "1"
             log_path = args.server_log or Path(tmp.name) / "server.log"
             server = ServerProcess(server_command(args.server, str(model_dir), name, port, grpc_port, extra),
                                    log_path, env)

@@ -115,6 +115,9 @@ class EngineArgs:
     allowed_media_domains: list[str] | None = None
     max_image_bytes: int = 20 * 1024 * 1024  # encoded bytes of one image (download or data: URL)
     max_image_pixels: int = 8192 * 8192  # decoded width * height of one image
+    # Fetch image URLs whose host is or resolves to a loopback, private, link-local or other
+    # non-public address (internal image hosts, tests). None: $VLMSERVE_ALLOW_PRIVATE_MEDIA_URLS.
+    allow_private_media_urls: bool | None = None
     # "generate" (default) or "embed" / "embedding": serve pooled hidden states (vLLM's --task).
     task: str = "generate"
     # Embedding pooling: "LAST" | "MEAN" | "CLS"; default LAST (vLLM's for *ForCausalLM as embedder).
@@ -134,7 +137,8 @@ class EngineArgs:
 
         domains = tuple(self.allowed_media_domains) if self.allowed_media_domains else None
         return MediaConfig(allowed_local_media_path=self.allowed_local_media_path, allowed_media_domains=domains,
-                           max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
+                           max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels,
+                           allow_private_media_urls=self.allow_private_media_urls)
 
     def validate(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -164,6 +168,10 @@ class EngineArgs:
             if (not isinstance(size, (tuple, list)) or len(size) != 2
                     or not all(isinstance(v, int) and 0 < v <= 8192 for v in size)):
                 raise ValueError(f"warmup_image_sizes: expected (height, width) pairs in [1, 8192], got {size!r}")
+        if self.allow_private_media_urls is None:  # a bad value fails here, before the model loads
+            from engine.media import allow_private_from_env
+
+            allow_private_from_env()
         if self.cpu_kv_cache_space <= 0:
             raise ValueError(f"cpu_kv_cache_space: must be positive GiB, got {self.cpu_kv_cache_space}")
 

@@ -2,8 +2,18 @@
 
 The offline ``LLM.chat`` and the server use this one loader. Every untrusted input is bounded:
 bytes downloaded or decoded, decoded pixels, total fetch time, URL schemes, remote domains (when
-an allow-list is set) and local paths (only inside ``allowed_local_media_path``, after resolving
-symlinks). Failures raise ``MediaError`` (a ValueError) with an HTTP status for the server.
+an allow-list is set), remote addresses and local paths (only inside ``allowed_local_media_path``,
+after resolving symlinks). Failures raise ``MediaError`` (a ValueError) with an HTTP status for
+the server.
+
+Remote addresses (SSRF): unless ``allow_private_media_urls`` (``--allow-private-media-urls``,
+``$VLMSERVE_ALLOW_PRIVATE_MEDIA_URLS``), a host must resolve only to public addresses: loopback,
+private, link-local (cloud metadata), unspecified, multicast and reserved ones are refused in any
+spelling. Every redirect hop is resolved and checked the same way, and the request goes to the
+address that was checked (the name travels in Host and TLS SNI), so a second DNS answer cannot
+swap it. Every failure after these checks (closed or silent port, HTTP status, an answer that is
+no image, a body over the limit) raises the same message with an error id, the detail logged
+and kept in ``MediaError.detail``: different messages would make the server a port scanner.
 
 Remote fetches are async (httpx) under one total deadline (``fetch_async``). The server fetches a
 request's images concurrently on its event loop (``fetch_all_async``) and hands the bytes to its
@@ -19,9 +29,14 @@ import binascii
 import concurrent.futures
 import functools
 import io
+import ipaddress
+import logging
 import os
+import re
+import socket
 import ssl
 import urllib.parse
+import uuid
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,15 +47,23 @@ if TYPE_CHECKING:
 
 DEFAULT_FETCH_TIMEOUT = 5.0
 MAX_REDIRECTS = 10  # as urllib's
+ALLOW_PRIVATE_ENV = "VLMSERVE_ALLOW_PRIVATE_MEDIA_URLS"
 T = TypeVar("T")
+logger = logging.getLogger("vlmserve.media")
 
 
 class MediaError(ValueError):
-    """An image that cannot be used; ``status`` is the HTTP code the server answers with."""
+    """An image that cannot be used; ``status`` is the HTTP code the server answers with.
+    ``detail``: what went wrong where the message is deliberately generic (also logged)."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, detail: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.detail = detail
+
+
+class _FetchFailure(Exception):
+    """A fetch failed after the policy checks; it reaches the caller only as the generic message."""
 
 
 def _env_timeout() -> float:
@@ -54,6 +77,16 @@ def _env_timeout() -> float:
     return DEFAULT_FETCH_TIMEOUT
 
 
+def allow_private_from_env() -> bool:
+    """``$VLMSERVE_ALLOW_PRIVATE_MEDIA_URLS`` as a bool (unset: False); ValueError naming it."""
+    value = os.environ.get(ALLOW_PRIVATE_ENV, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{ALLOW_PRIVATE_ENV}: expected 1, true, yes, on or 0, false, no, off; got {value!r}")
+
+
 @dataclass(frozen=True)
 class MediaConfig:
     allowed_local_media_path: str | None = None
@@ -61,6 +94,9 @@ class MediaConfig:
     fetch_timeout: float | None = None  # None: $VLMSERVE_IMAGE_FETCH_TIMEOUT, $VLLM_IMAGE_FETCH_TIMEOUT, or 5 s
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 8192 * 8192
+    # Fetch from hosts that are or resolve to non-public addresses (internal image hosts, tests).
+    # None: $VLMSERVE_ALLOW_PRIVATE_MEDIA_URLS, default off.
+    allow_private_media_urls: bool | None = None
 
 
 class MediaLoader:
@@ -68,6 +104,8 @@ class MediaLoader:
         self.config = config or MediaConfig()
         root = self.config.allowed_local_media_path
         self.allowed_root = Path(root).resolve() if root else None
+        allow = self.config.allow_private_media_urls
+        self.allow_private = allow_private_from_env() if allow is None else allow
 
     @property
     def timeout(self) -> float:
@@ -81,7 +119,7 @@ class MediaLoader:
         if scheme == "data":
             data = self._decode_data_url(url, what)
         elif scheme in ("http", "https"):
-            data = self._fetch(url, what)
+            return self._decode_fetched(self._fetch(url, what), url, what)
         elif scheme == "file":
             data = self._read_local(url, what)
         else:
@@ -106,7 +144,18 @@ class MediaLoader:
         except MediaError:
             raise
         except Exception as exc:  # PIL raises many types for corrupt or truncated data
-            raise MediaError(f"{what}: cannot decode image ({type(exc).__name__}: {exc})") from exc
+            raise MediaError(f"{what}: cannot decode image ({_pil_problem(exc)})") from exc
+
+    def _decode_fetched(self, data: bytes, url: str, what: str) -> Any:
+        """Decode downloaded bytes. An answer that is no image reads as any other fetch failure
+        (else an open port that answers tells itself apart from a closed one); the pixel limit
+        keeps its 413, as only a real image gets that far, which a successful fetch shows too."""
+        try:
+            return self.decode_image(data, what)
+        except MediaError as exc:
+            if exc.status == 413:
+                raise
+            raise self._fetch_failed(what, url, str(exc)) from exc
 
     def _decode_data_url(self, url: str, what: str) -> bytes:
         header, sep, payload = url.partition(",")
@@ -132,16 +181,17 @@ class MediaLoader:
         ``httpx.AsyncClient`` from ``http_client()`` to share, else one is made for this fetch."""
         try:
             return await asyncio.wait_for(self._fetch_in_slot(url, what, client, slots), self.timeout)
-        except MediaError:
+        except MediaError:  # refused by policy before any connection: tells nothing about the host
             raise
         except (asyncio.TimeoutError, TimeoutError) as exc:
-            raise self._timed_out(what) from exc
-        except Exception as exc:  # httpx's transport, protocol and URL errors, OSError
+            raise self._fetch_failed(what, url, self._timed_out()) from exc
+        except Exception as exc:  # ours, httpx's transport, protocol and URL errors, OSError (DNS)
             import httpx
 
             if isinstance(exc, httpx.TimeoutException):  # a per-operation timeout, also <= the total
-                raise self._timed_out(what) from exc
-            raise MediaError(f"{what}: cannot fetch image ({type(exc).__name__}: {exc})") from exc
+                raise self._fetch_failed(what, url, self._timed_out()) from exc
+            detail = str(exc) if isinstance(exc, _FetchFailure) else f"{type(exc).__name__}: {exc}"
+            raise self._fetch_failed(what, url, detail) from exc
 
     async def fetch_all_async(self, refs: Sequence[tuple[str, str]],
                               slots: asyncio.Semaphore | None = None) -> dict[str, bytes]:
@@ -171,8 +221,11 @@ class MediaLoader:
         (each hop re-checked), bodies come unencoded (so ``max_bytes`` counts what is stored)."""
         import httpx
 
+        # No kept-alive connections: requests go to checked addresses (``_hop_requests``), and a
+        # pool keyed by address could hand one host's TLS connection to another name.
         return httpx.AsyncClient(follow_redirects=False, timeout=self.timeout, verify=_ssl_context(),
-                                 headers={"Accept-Encoding": "identity"})
+                                 headers={"Accept-Encoding": "identity"},
+                                 limits=httpx.Limits(max_keepalive_connections=0))
 
     def with_prefetched(self, fetched: Mapping[str, bytes]) -> MediaLoader:
         """A loader that takes http(s) URLs from ``fetched`` (see ``fetch_all_async``) and never
@@ -187,56 +240,126 @@ class MediaLoader:
             return await self._download(url, what, client)
 
     async def _download(self, url: str, what: str, client: httpx.AsyncClient | None) -> bytes:
+        import httpx
+
         if client is None:
             async with self.http_client() as own:
                 return await self._download(url, what, own)
-        for _ in range(MAX_REDIRECTS + 1):
-            self._check_remote(url, what)  # every hop: a redirect must not escape the allow-list
-            async with client.stream("GET", url) as resp:
+        for hop in range(MAX_REDIRECTS + 1):
+            resp = await self._send_hop(client, url, what, hop)
+            try:
                 if resp.is_redirect and "location" in resp.headers:
-                    url = str(resp.url.join(resp.headers["location"]))
+                    # Joined to the URL asked for, not to the address the request went to.
+                    url = str(httpx.URL(url).join(resp.headers["location"]))
                     continue
                 if resp.status_code >= 400:
-                    raise MediaError(f"{what}: cannot fetch image (HTTP {resp.status_code} {resp.reason_phrase})")
-                return await self._read_body(resp, what)
-        raise MediaError(f"{what}: more than {MAX_REDIRECTS} redirects")
+                    raise _FetchFailure(f"HTTP {resp.status_code} {resp.reason_phrase}")
+                return await self._read_body(resp)
+            finally:
+                await resp.aclose()
+        raise _FetchFailure(f"more than {MAX_REDIRECTS} redirects")
 
-    def _check_remote(self, url: str, what: str) -> None:
+    async def _send_hop(self, client: httpx.AsyncClient, url: str, what: str, hop: int) -> httpx.Response:
+        """GET one hop (streamed) after the policy checks, trying each checked address in turn."""
+        try:
+            requests = await self._hop_requests(client, url, what)
+        except MediaError as exc:
+            if hop == 0:  # decided before any connection: the refusal may say why
+                raise
+            # A later hop follows a host's answer: its refusal reads as any fetch failure.
+            raise _FetchFailure(f"the redirect to {url[:256]} was refused: {exc.detail or exc}") from exc
+        import httpx
+
+        for i, request in enumerate(requests):
+            try:
+                return await client.send(request, stream=True)
+            except httpx.ConnectError:
+                if i == len(requests) - 1:
+                    raise
+        raise AssertionError("unreachable: resolve_host answers at least one address")
+
+    async def _hop_requests(self, client: httpx.AsyncClient, url: str, what: str) -> list[httpx.Request]:
+        """The requests that may fetch ``url``: to each address its host resolves to, all of them
+        checked (the name goes in Host and TLS SNI, so virtual hosts and certificates still
+        work); one plain request when private hosts are allowed."""
+        parsed = self._check_remote(url, what)
+        if self.allow_private:
+            return [client.build_request("GET", parsed)]
+        host = parsed.raw_host.decode("ascii")
+        addresses = await resolve_host(host, parsed.port or (443 if parsed.scheme == "https" else 80))
+        for address in addresses:
+            reason = address_refusal(address)
+            if reason is not None:
+                raise MediaError(f"{what}: the URL's host is not allowed: it is or resolves to a loopback, private, "
+                                 "link-local or otherwise non-public address (a server started with "
+                                 "--allow-private-media-urls fetches from such hosts)",
+                                 detail=f"{host} resolves to {address} ({reason})")
+        headers = {"Host": parsed.netloc.decode("ascii")}
+        return [client.build_request("GET", parsed.copy_with(host=address), headers=headers,
+                                     extensions={"sni_hostname": host}) for address in addresses]
+
+    def _check_remote(self, url: str, what: str) -> httpx.URL:
+        """``url`` parsed, if its scheme and domain may be fetched. httpx's parser, the one that
+        sends the request: another one could read another host out of an odd URL."""
+        import httpx
+
         scheme = url_scheme(url)
         if scheme not in ("http", "https"):
             raise MediaError(f"{what}: unsupported URL scheme {scheme or url[:16]!r}; use http(s)://")
-        host = urllib.parse.urlsplit(url).hostname or ""
+        try:
+            parsed = httpx.URL(url)
+        except httpx.InvalidURL as exc:
+            raise MediaError(f"{what}: invalid URL ({exc})") from exc
+        if not parsed.raw_host:
+            raise MediaError(f"{what}: the URL has no host")
         domains = self.config.allowed_media_domains
-        if domains is not None and host not in domains:
-            raise MediaError(f"{what}: domain {host!r} is not in --allowed-media-domains")
+        names = {parsed.host.rstrip("."), parsed.raw_host.decode("ascii").rstrip(".")}
+        if domains is not None and not names & set(domains):
+            raise MediaError(f"{what}: domain {parsed.host!r} is not in --allowed-media-domains")
+        return parsed
 
-    async def _read_body(self, resp: httpx.Response, what: str) -> bytes:
+    async def _read_body(self, resp: httpx.Response) -> bytes:
         limit = self.config.max_bytes
         declared = resp.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            raise MediaError(f"{what}: download of {declared} bytes exceeds the limit of {limit} bytes", 413)
+            raise _FetchFailure(f"the download of {declared} bytes exceeds the limit of {limit} bytes")
         chunks, total = [], 0
         async for chunk in resp.aiter_bytes():
             total += len(chunk)
             if total > limit:  # a missing or lying Content-Length
-                raise MediaError(f"{what}: download exceeds the limit of {limit} bytes", 413)
+                raise _FetchFailure(f"the download exceeds the limit of {limit} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _timed_out(self, what: str) -> MediaError:
-        return MediaError(f"{what}: fetching the image timed out after {self.timeout:g} s")
+    def _timed_out(self) -> str:
+        return f"timed out after {self.timeout:g} s"
+
+    def _fetch_failed(self, what: str, url: str, detail: str) -> MediaError:
+        """The one message for every fetch failure; the detail goes to the log under its id."""
+        error_id = uuid.uuid4().hex
+        logger.warning("%s: fetching %s failed (error id %s): %s", what, url[:256], error_id, detail)
+        return MediaError(f"{what}: the image could not be fetched (error id {error_id}; the details are in the log)",
+                          detail=detail)
 
     def _read_local(self, url: str, what: str) -> bytes:
+        """The file's bytes. Messages name no path: the resolved one shows where a symlink points."""
         if self.allowed_root is None:
             raise MediaError(f"{what}: file:// URLs need --allowed-local-media-path")
-        path = Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).resolve()
+        try:
+            path = Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).resolve()
+        except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a NUL byte
+            raise MediaError(f"{what}: no such file under the allowed local media path") from exc
         if not path.is_relative_to(self.allowed_root):
-            raise MediaError(f"{what}: {path} is outside the allowed local media path")
+            raise MediaError(f"{what}: the file is outside the allowed local media path (--allowed-local-media-path)")
         if not path.is_file():
-            raise MediaError(f"{what}: no such file {path}")
-        if path.stat().st_size > self.config.max_bytes:
-            raise MediaError(f"{what}: file exceeds the limit of {self.config.max_bytes} bytes", 413)
-        return path.read_bytes()
+            raise MediaError(f"{what}: no such file under the allowed local media path")
+        try:
+            if path.stat().st_size > self.config.max_bytes:
+                raise MediaError(f"{what}: file exceeds the limit of {self.config.max_bytes} bytes", 413)
+            return path.read_bytes()
+        except OSError as exc:  # permissions, a file removed meanwhile
+            logger.warning("%s: reading %s failed: %s", what, path, exc)
+            raise MediaError(f"{what}: the file cannot be read") from exc
 
 
 class _PrefetchedLoader(MediaLoader):
@@ -245,6 +368,7 @@ class _PrefetchedLoader(MediaLoader):
     def __init__(self, base: MediaLoader, fetched: Mapping[str, bytes]) -> None:
         self.config = base.config
         self.allowed_root = base.allowed_root
+        self.allow_private = base.allow_private
         self._fetched = fetched
 
     def _fetch(self, url: str, what: str) -> bytes:
@@ -257,6 +381,51 @@ class _PrefetchedLoader(MediaLoader):
 def url_scheme(url: str) -> str:
     """The lower-cased scheme of a URL string ("" without one)."""
     return url.split(":", 1)[0].lower() if ":" in url else ""
+
+
+async def resolve_host(host: str, port: int) -> list[str]:
+    """The addresses ``host`` resolves to, in the resolver's order, without repeats. The system
+    resolver also reads odd IPv4 spellings (2130706433, 0x7f000001, 127.1) as the address they
+    are, so what is checked is what a connection would reach."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def address_refusal(address: str) -> str | None:
+    """Why connecting to ``address`` is refused by default ("loopback", "private", ...), or
+    None for a public unicast address. An IPv6 address that carries an IPv4 one (mapped, 6to4,
+    NAT64) is judged by the IPv4 address it reaches."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # without a scope id (fe80::1%eth0)
+    embedded = _embedded_ipv4(ip)
+    if embedded is not None:
+        return address_refusal(str(embedded))
+    checks = [("unspecified", ip.is_unspecified), ("loopback", ip.is_loopback),
+              ("link-local, as cloud metadata", ip.is_link_local), ("multicast", ip.is_multicast),
+              ("private", ip.is_private), ("reserved", ip.is_reserved),
+              ("site-local", isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local),
+              ("not globally routable", not ip.is_global)]  # e.g. 100.64.0.0/10, shared (CGNAT)
+    return next((reason for reason, hit in checks if hit), None)
+
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _embedded_ipv4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return None
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+def _pil_problem(exc: Exception) -> str:
+    """PIL's reason, without the object reprs it quotes (they carry memory addresses)."""
+    text = re.sub(r"\s*<[^<>]*\bat 0x[0-9a-fA-F]+>", "", str(exc))
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 @functools.lru_cache(maxsize=1)

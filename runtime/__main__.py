@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="vlmserve's KServe model server")
     parser.add_argument("--model_dir", default="/mnt/models",
                         help="the model folder (KServe's storage initializer puts it at /mnt/models)")
-    parser.add_argument("--host", default="0.0.0.0", help="address the HTTP server binds (default: 0.0.0.0)")
+    parser.add_argument("--host", default="0.0.0.0", help="address the HTTP and gRPC servers bind (default: 0.0.0.0)")
     parser.add_argument("--graceful_shutdown_timeout", type=int, default=30, metavar="S",
                         help="on SIGTERM, seconds in-flight requests may take to finish (default: 30)")
     add_engine_args(parser)

@@ -32,7 +32,7 @@ _ENGINE_FIELDS = (
     "enable_chunked_prefill", "block_size", "enable_prefix_caching", "gpu_memory_utilization",
     "cpu_kv_cache_space", "num_gpu_blocks_override", "seed", "trust_remote_code", "attention_backend",
     "allowed_local_media_path", "max_image_bytes", "max_image_pixels", "task", "pooling_type",
-    "enforce_eager", "async_scheduling", "warmup_image_sizes",
+    "enforce_eager", "async_scheduling", "warmup_image_sizes", "allow_private_media_urls",
 )
 
 
@@ -153,6 +153,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="folder from which file:// media may be read (default: none)")
     g.add_argument("--allowed-media-domains", type=_domain_list, nargs="+", default=None, metavar="DOMAIN",
                    help="domains media URLs may come from (default: any)")
+    # default None, not False: without the flag, the environment variable decides (engine.media).
+    g.add_argument("--allow-private-media-urls", action="store_true", default=None,
+                   help="fetch media URLs whose host is or resolves to a loopback, private, link-local or other "
+                        "non-public address, e.g. internal image hosts (default: refused; also "
+                        "VLMSERVE_ALLOW_PRIVATE_MEDIA_URLS=1)")
     g.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024, metavar="N",
                    help="largest encoded image accepted, in bytes (default: 20 MiB); larger -> 413")
     g.add_argument("--max-image-pixels", type=int, default=8192 * 8192, metavar="N",

@@ -231,7 +231,8 @@ class OpenAIDataPlane:
 
     @staticmethod
     def _card(name: str, model: VLMModel) -> ModelCard:
-        return ModelCard(id=name, root=str(model.engine_args.model),
+        # root: the served name, never the local model path (vLLM gives the model id it was given).
+        return ModelCard(id=name, root=model.name,
                          max_model_len=model.max_model_len if model.llm is not None else None)
 
     @staticmethod

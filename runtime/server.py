@@ -8,7 +8,7 @@ gRPC servicer, ``DataPlane``, ``ModelRepository``) and changes what a generative
   (and whenever a model the server started with is unhealthy or missing from the registry);
 * KServe's model repository extension (load / unload) is not served: one model, loaded at
   start-up (``runtime.v2_routes.register_repository_refusal``; 405, gRPC UNIMPLEMENTED);
-* it binds ``host`` (KServe hard-codes 0.0.0.0);
+* both the HTTP and the gRPC server bind ``host`` (KServe hard-codes 0.0.0.0 and [::]);
 * it mounts the OpenAI routes (``runtime.openai_routes``), the API-key checks (HTTP middleware
   and gRPC interceptor) and the engine gauges on ``/metrics``;
 * SIGTERM / SIGINT: stop accepting connections, let in-flight requests finish (streams
@@ -141,9 +141,10 @@ class VLMGRPCServer(GRPCServer):
     ``inference.GRPCInferenceService``, ModelInfer and Triton's ModelStreamInfer included) in
     place of KServe's, plus the API-key interceptor when a key is set."""
 
-    def __init__(self, *args: Any, api_key: str | None = None, v2_dataplane: V2DataPlane | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(self, *args: Any, host: str = "0.0.0.0", api_key: str | None = None,
+                 v2_dataplane: V2DataPlane | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._host = host
         self._api_key = api_key
         self._v2_dataplane = v2_dataplane
 
@@ -166,10 +167,17 @@ class VLMGRPCServer(GRPCServer):
         )
         add_v2_servicer(self._server, self._data_plane,
                         self._v2_dataplane or V2DataPlane(self._data_plane.model_registry))
-        self._server.add_insecure_port(f"[::]:{self._port}")
-        logger.info("gRPC server on [::]:%d", self._port)
+        # Where the HTTP server binds too (KServe's [::] would also listen on every interface).
+        address = grpc_address(self._host, self._port)
+        self._server.add_insecure_port(address)
+        logger.info("gRPC server on %s", address)
         await self._server.start()
         await self._server.wait_for_termination()
+
+
+def grpc_address(host: str, port: int) -> str:
+    """``host:port`` for gRPC, an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
 def configure_logging() -> None:
@@ -223,7 +231,8 @@ class VLMModelServer(kserve.ModelServer):
             kwargs = dict(vars(model_server.args), **self.config.kserve_args)
             self._grpc_server = VLMGRPCServer(self.grpc_port, self.dataplane, self.model_repository_extension,
                                               kwargs=kwargs, grace_period=self.grace_period,
-                                              api_key=self.config.api_key, v2_dataplane=v2)
+                                              host=self.config.host, api_key=self.config.api_key,
+                                              v2_dataplane=v2)
 
     def start(self, models: Sequence[VLMModel]) -> int:  # type: ignore[override]
         """Serve until a signal (or a fatal model error); returns the process exit code."""
