@@ -8,10 +8,12 @@ offline W1 after start ran at 11.1k output tok/s, a warm one at 21.7k.
 
 ``warm_up_vision(core)`` runs, for each configured image size, steps that hold 1, 2, ... k
 requests with one image each (k: as many as one step's token budget takes), so that every pass
-of up to k images of that size has been captured; then one burst of 2k requests with text around
-the image and a few output tokens, so that prefills cut across steps and steps that mix prefill
-and decode have run too (the first offline W1 after start, with the sweep alone, still had two
-steps of 1.9 s and 1.5 s against 0.2 s warm on an H200). Each image is distinct noise, so no
+of up to k images of that size has been captured; then one burst of ``max_num_seqs`` requests
+with text around the image, decoding until the last of them is prefilled, so that prefills cut
+across steps and steps that mix prefill with up to ``max_num_seqs`` decodes have run too. (On an
+H200 the first offline W1 after start, with the sweep alone, still had two steps of 1.9 s and
+1.5 s against 0.2 s warm; with a burst of 2k, one of 1.2 s, in a step of 191 sequences: kernels
+compiled for the batch shapes of a full engine.) Each image is distinct noise, so no
 prefix or encoder cache hit skips the tower. It runs inside ``EngineCore.__init__``: the offline ``LLM``
 and the server's engine core are warm before they return / report ready. Only where vision graphs
 are used (CUDA, not ``enforce_eager``); a no-op elsewhere.
@@ -66,8 +68,9 @@ def warm_up_vision(core: Any) -> None:
         batches = [[first] if k == 1 else [request(seed + k * (k - 1) // 2 + j) for j in range(k)]
                    for k in range(1, most + 1)]
         seed += most * (most + 1) // 2
-        burst = min(2 * most, sched.max_num_seqs)
-        batches.append([request(seed + j, " Describe the picture in a few words.", 4) for j in range(burst)])
+        burst, steps = sched.max_num_seqs, -(-sched.max_num_seqs // most)  # prefill steps of the burst
+        text = " Describe the picture in a few words."
+        batches.append([request(seed + j, text, steps + 2) for j in range(burst)])
         seed += burst
         for batch in batches:
             for req in batch:

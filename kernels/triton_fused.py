@@ -239,7 +239,8 @@ def fused_add_rms_norm(
 # -- LayerNorm -------------------------------------------------------------------------------------
 
 
-@triton.jit
+# Not specialised on n_rows (the batch's row count): no recompile per batch size class.
+@triton.jit(do_not_specialize=['n_rows'])
 def _layer_norm_kernel(
     x_ptr, r_ptr, w_ptr, b_ptr, o_ptr, ro_ptr,
     n_rows, n_cols, stride_x, stride_r, stride_o, stride_ro, eps,
@@ -400,7 +401,8 @@ def rotary(
     return out
 
 
-@triton.jit
+# Not specialised on n_tokens (the pass's patch count): no recompile per batch size class.
+@triton.jit(do_not_specialize=['n_tokens'])
 def _vision_rotary_kernel(
     qkv_ptr, cos_ptr, sin_ptr, o_ptr,
     n_tokens, n_heads, stride_t, stride_w, stride_h, stride_ct, stride_st,

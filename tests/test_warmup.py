@@ -34,7 +34,7 @@ def vlm_dir(tmp_path_factory):
 
 
 def make_core(vlm_dir, sizes, max_num_batched_tokens: int) -> EngineCore:
-    args = EngineArgs(model=str(vlm_dir), dtype="float32", device="cpu", max_model_len=512,
+    args = EngineArgs(model=str(vlm_dir), dtype="float32", device="cpu", max_model_len=512, max_num_seqs=16,
                       max_num_batched_tokens=max_num_batched_tokens, warmup_image_sizes=sizes)
     return EngineCore(args.create_engine_config())
 
@@ -52,6 +52,13 @@ def test_warm_up_runs_every_pass_size_and_leaves_no_trace(vlm_dir):
     core.runner.model.visual_runner = tower
     core.config = type(core.config)(**{**core.config.__dict__, "model": type(core.config.model)(
         **{**core.config.model.__dict__, "warmup_image_sizes": ((112, 112), (84, 112))})})
+    launch, batch_sizes = core.runner.launch, []
+
+    def recording_launch(out, *args, **kwargs):
+        batch_sizes.append(len(out.scheduled))
+        return launch(out, *args, **kwargs)
+
+    core.runner.launch = recording_launch
     warm_up_vision(core)
 
     # A 112x112 image is a [1, 8, 8] grid (16 LM tokens + 2 around it): 128 // 18 = 7 a step;
@@ -60,11 +67,12 @@ def test_warm_up_runs_every_pass_size_and_leaves_no_trace(vlm_dir):
     counts_big = sorted(len(p) for p in tower.passes if set(p) == {big})
     counts_small = sorted(len(p) for p in tower.passes if set(p) == {small})
     assert len(tower.passes) == len(counts_big) + len(counts_small)  # one size per pass
-    # The sweep: one pass of each count from 1 to a step's worth, in order; then the burst of
-    # twice that many requests with text, whose prefills are cut across steps.
+    # The sweep: one pass of each count from 1 to a step's worth; then the burst of max_num_seqs
+    # (16) requests with text, whose prefills are cut across steps.
     assert set(range(1, 8)) <= set(counts_big), counts_big
     assert set(range(1, 10)) <= set(counts_small), counts_small
-    assert sum(counts_big) == sum(range(1, 8)) + 14 and sum(counts_small) == sum(range(1, 10)) + 18
+    assert sum(counts_big) == sum(range(1, 8)) + 16 and sum(counts_small) == sum(range(1, 10)) + 16
+    assert max(batch_sizes) == 16  # the burst's steps run all max_num_seqs requests at once
     # Nothing is left: no request, no cached prefix block, no prefix-cache statistics.
     assert not core.has_unfinished()
     bm = core.block_manager
