@@ -114,7 +114,8 @@ class EngineArgs:
     allowed_local_media_path: str | None = None
     allowed_media_domains: list[str] | None = None
     max_image_bytes: int = 20 * 1024 * 1024  # encoded bytes of one image (download or data: URL)
-    max_image_pixels: int = 8192 * 8192  # decoded width * height of one image
+    max_image_pixels: int = 6144 * 6144  # decoded width * height of one image (engine.media.DEFAULT_MAX_PIXELS)
+    max_request_image_pixels: int = 8192 * 8192  # decoded pixels of one request's images together (server)
     # Fetch image URLs whose host is or resolves to a loopback, private, link-local or other
     # non-public address (internal image hosts, tests). None: $VLMSERVE_ALLOW_PRIVATE_MEDIA_URLS.
     allow_private_media_urls: bool | None = None
@@ -138,6 +139,7 @@ class EngineArgs:
         domains = tuple(self.allowed_media_domains) if self.allowed_media_domains else None
         return MediaConfig(allowed_local_media_path=self.allowed_local_media_path, allowed_media_domains=domains,
                            max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels,
+                           max_total_pixels=self.max_request_image_pixels,
                            allow_private_media_urls=self.allow_private_media_urls)
 
     def validate(self) -> None:
@@ -158,8 +160,8 @@ class EngineArgs:
                 raise ValueError(
                     f"limit_mm_per_prompt: expected {{'image'|'video': non-negative int}}, got {modality!r}: {limit!r}"
                 )
-        if self.max_image_bytes <= 0 or self.max_image_pixels <= 0:
-            raise ValueError("max_image_bytes / max_image_pixels: must be positive")
+        if self.max_image_bytes <= 0 or self.max_image_pixels <= 0 or self.max_request_image_pixels <= 0:
+            raise ValueError("max_image_bytes / max_image_pixels / max_request_image_pixels: must be positive")
         if self.task not in TASKS:
             raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {self.task!r}")
         if self.pooling_type is not None and str(self.pooling_type).upper() not in POOLING_TYPES:

@@ -27,6 +27,7 @@ import asyncio
 import base64
 import binascii
 import concurrent.futures
+import copy
 import functools
 import io
 import ipaddress
@@ -46,6 +47,11 @@ if TYPE_CHECKING:
     import httpx
 
 DEFAULT_FETCH_TIMEOUT = 5.0
+# Decoded pixels, width * height. One RGB image costs 3 bytes a pixel, plus PIL's and the image
+# processor's working copies (an 8000x8000 PNG took ~358 MiB of RSS). 6144^2 (37.7 Mpixel) still
+# takes a 36-Mpixel camera photo whole; a request's images together get 8192^2.
+DEFAULT_MAX_PIXELS = 6144 * 6144
+DEFAULT_MAX_TOTAL_PIXELS = 8192 * 8192
 MAX_REDIRECTS = 10  # as urllib's
 ALLOW_PRIVATE_ENV = "VLMSERVE_ALLOW_PRIVATE_MEDIA_URLS"
 T = TypeVar("T")
@@ -93,19 +99,29 @@ class MediaConfig:
     allowed_media_domains: tuple[str, ...] | None = None
     fetch_timeout: float | None = None  # None: $VLMSERVE_IMAGE_FETCH_TIMEOUT, $VLLM_IMAGE_FETCH_TIMEOUT, or 5 s
     max_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = 8192 * 8192
+    max_pixels: int = DEFAULT_MAX_PIXELS  # one image
+    max_total_pixels: int = DEFAULT_MAX_TOTAL_PIXELS  # all images of one request (``for_request``)
     # Fetch from hosts that are or resolve to non-public addresses (internal image hosts, tests).
     # None: $VLMSERVE_ALLOW_PRIVATE_MEDIA_URLS, default off.
     allow_private_media_urls: bool | None = None
 
 
 class MediaLoader:
+    _pixels_left: int | None = None  # set by for_request: what is left of the request's pixel budget
+
     def __init__(self, config: MediaConfig | None = None) -> None:
         self.config = config or MediaConfig()
         root = self.config.allowed_local_media_path
         self.allowed_root = Path(root).resolve() if root else None
         allow = self.config.allow_private_media_urls
         self.allow_private = allow_private_from_env() if allow is None else allow
+
+    def for_request(self) -> MediaLoader:
+        """A copy that also bounds the decoded pixels of all the images it loads together
+        (``max_total_pixels``): use one per request. Not shared between threads."""
+        loader = copy.copy(self)
+        loader._pixels_left = self.config.max_total_pixels
+        return loader
 
     @property
     def timeout(self) -> float:
@@ -135,14 +151,15 @@ class MediaLoader:
         try:
             img = Image.open(io.BytesIO(data))
             width, height = img.size
-            if width * height > self.config.max_pixels:
-                raise MediaError(
-                    f"{what}: {width}x{height} pixels exceeds the limit of {self.config.max_pixels}", 413
-                )
+            self._reserve_pixels(width, height, what)
             img.load()
-            return img.convert("RGB")
+            # convert() copies even an RGB image: skip it (the copy doubled a large image's RSS).
+            return img if img.mode == "RGB" else img.convert("RGB")
         except MediaError:
             raise
+        except Image.DecompressionBombError as exc:  # past PIL's own limit (2 * MAX_IMAGE_PIXELS), at open
+            raise MediaError(f"{what}: the image's pixel count exceeds the limit of {self.config.max_pixels} "
+                             f"(--max-image-pixels) ({exc})", 413) from exc
         except Exception as exc:  # PIL raises many types for corrupt or truncated data
             raise MediaError(f"{what}: cannot decode image ({_pil_problem(exc)})") from exc
 
@@ -156,6 +173,20 @@ class MediaLoader:
             if exc.status == 413:
                 raise
             raise self._fetch_failed(what, url, str(exc)) from exc
+
+    def _reserve_pixels(self, width: int, height: int, what: str) -> None:
+        """Refuse (413) an image over the per-image limit or the request's remaining budget,
+        from its header alone: nothing is decoded yet."""
+        pixels, limit = width * height, self.config.max_pixels
+        if pixels > limit:
+            raise MediaError(f"{what}: {width}x{height} pixels exceeds the limit of {limit} (--max-image-pixels)", 413)
+        if self._pixels_left is None:
+            return
+        if pixels > self._pixels_left:
+            total = self.config.max_total_pixels
+            raise MediaError(f"{what}: {width}x{height} pixels brings the request's images past the limit of "
+                             f"{total} pixels together (--max-request-image-pixels)", 413)
+        self._pixels_left -= pixels
 
     def _decode_data_url(self, url: str, what: str) -> bytes:
         header, sep, payload = url.partition(",")

@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from runtime._kserve import model_server
-from runtime.args import add_engine_args, normalize_argv
+from runtime.args import GRACE_HELP, add_engine_args, non_negative_int, normalize_argv
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,8 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model_dir", default="/mnt/models",
                         help="the model folder (KServe's storage initializer puts it at /mnt/models)")
     parser.add_argument("--host", default="0.0.0.0", help="address the HTTP and gRPC servers bind (default: 0.0.0.0)")
-    parser.add_argument("--graceful_shutdown_timeout", type=int, default=30, metavar="S",
-                        help="on SIGTERM, seconds in-flight requests may take to finish (default: 30)")
+    parser.add_argument("--graceful_shutdown_timeout", "--graceful-shutdown-timeout", type=non_negative_int,
+                        default=30, metavar="S", help=GRACE_HELP)
     add_engine_args(parser)
     return parser
 

@@ -19,20 +19,26 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import EngineArgs
+from runtime.http_limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
 
 API_KEY_ENV = "VLMSERVE_API_KEY"
 DTYPE_CHOICES = ["auto", "float32", "float", "fp32", "float16", "half", "fp16", "bfloat16", "bf16"]
 TASK_CHOICES = ["generate", "embedding", "embed"]
 POOLING_CHOICES = ["LAST", "MEAN", "CLS"]
 MODALITIES = ("image", "video")
+# Images per prompt when --limit-mm-per-prompt does not say: vLLM v1 allows 999, and each one is
+# downloaded, decoded and encoded before the prompt can be refused for its length.
+DEFAULT_IMAGES_PER_PROMPT = 8
+GRACE_HELP = ("on SIGTERM, seconds in-flight requests may take to finish (default: 30); then streams end with "
+              "an error event and [DONE], other requests get 503, gRPC streams an error response")
 
 # EngineArgs fields set from flags of the same name (dest == field name).
 _ENGINE_FIELDS = (
     "tokenizer", "revision", "dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
     "enable_chunked_prefill", "block_size", "enable_prefix_caching", "gpu_memory_utilization",
     "cpu_kv_cache_space", "num_gpu_blocks_override", "seed", "trust_remote_code", "attention_backend",
-    "allowed_local_media_path", "max_image_bytes", "max_image_pixels", "task", "pooling_type",
-    "enforce_eager", "async_scheduling", "warmup_image_sizes", "allow_private_media_urls",
+    "allowed_local_media_path", "max_image_bytes", "max_image_pixels", "max_request_image_pixels", "task",
+    "pooling_type", "enforce_eager", "async_scheduling", "warmup_image_sizes", "allow_private_media_urls",
 )
 
 
@@ -95,6 +101,26 @@ def _positive_int(value: str) -> int:
     return n
 
 
+def _positive_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from exc
+    if not 0.0 < x < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value!r}")
+    return x
+
+
+def non_negative_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from exc
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {n}")
+    return n
+
+
 def _fraction(value: str) -> float:
     try:
         x = float(value)
@@ -148,7 +174,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--pooling-type", default=None, type=str.upper, choices=POOLING_CHOICES,
                    help="embedding pooling over the prompt's last hidden states (default: LAST)")
     g.add_argument("--limit-mm-per-prompt", type=parse_limit_mm_per_prompt, default=None, metavar="SPEC",
-                   help="most multimodal items per prompt: image=2,video=1 or JSON '{\"image\": 2}'")
+                   help="most multimodal items per prompt: image=2,video=1 or JSON '{\"image\": 2}' "
+                        f"(default: image={DEFAULT_IMAGES_PER_PROMPT}); more -> 400")
     g.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
                    help="folder from which file:// media may be read (default: none)")
     g.add_argument("--allowed-media-domains", type=_domain_list, nargs="+", default=None, metavar="DOMAIN",
@@ -160,8 +187,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "VLMSERVE_ALLOW_PRIVATE_MEDIA_URLS=1)")
     g.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024, metavar="N",
                    help="largest encoded image accepted, in bytes (default: 20 MiB); larger -> 413")
-    g.add_argument("--max-image-pixels", type=int, default=8192 * 8192, metavar="N",
-                   help="largest decoded image accepted, width * height (default: 8192*8192); larger -> 413")
+    g.add_argument("--max-image-pixels", type=_positive_int, default=d.max_image_pixels, metavar="N",
+                   help="largest decoded image accepted, width * height (default: 6144*6144); larger -> 413")
+    g.add_argument("--max-request-image-pixels", type=_positive_int, default=d.max_request_image_pixels,
+                   metavar="N", help="most decoded pixels of all the images of one request together "
+                                     "(default: 8192*8192); more -> 413")
     g.add_argument("--warmup-image-sizes", type=parse_image_sizes, default=d.warmup_image_sizes, metavar="HxW,...",
                    help="CUDA: image sizes whose vision passes (1 to a step's worth of images) are captured "
                         "before the server reports ready (default: 448x448; 'none' to skip)")
@@ -172,7 +202,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     f.add_argument("--chat-template", default=None, metavar="FILE",
                    help="Jinja chat template file (or inline template) used instead of the model's")
     f.add_argument("--api-key", default=None, metavar="KEY",
-                   help=f"require 'Authorization: Bearer KEY' on API routes (default: ${API_KEY_ENV} if set)")
+                   help=f"require 'Authorization: Bearer KEY' on API routes (default: ${API_KEY_ENV} if set; "
+                        "the variable keeps the key out of the process list)")
+    f.add_argument("--max-request-body-bytes", type=_positive_int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
+                   help="largest HTTP request body, in bytes, also once a gzip/deflate v2 body is inflated "
+                        "(default: 64 MiB); larger -> 413")
+    f.add_argument("--request-body-timeout", type=_positive_float, default=DEFAULT_BODY_TIMEOUT_S, metavar="S",
+                   help="seconds a client may take to send a request body (default: 30); slower -> 408")
     return parser
 
 
@@ -201,7 +237,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
     args = EngineArgs(
         model=str(ns.model),
         served_model_name=names[0] if names else None,
-        limit_mm_per_prompt=dict(getattr(ns, "limit_mm_per_prompt", None) or {}),
+        limit_mm_per_prompt={"image": DEFAULT_IMAGES_PER_PROMPT, **(getattr(ns, "limit_mm_per_prompt", None) or {})},
         allowed_media_domains=_flat_domains(getattr(ns, "allowed_media_domains", None)),
         **kwargs,
     )
@@ -224,6 +260,8 @@ class FrontendArgs:
     chat_template: str | None = None  # the template text (read from --chat-template FILE)
     api_key: str | None = None
     task: str = "generate"
+    max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    request_body_timeout: float = DEFAULT_BODY_TIMEOUT_S
 
 
 def load_chat_template(value: str | None) -> str | None:
@@ -246,4 +284,6 @@ def frontend_args_from(ns: argparse.Namespace) -> FrontendArgs:
         chat_template=load_chat_template(getattr(ns, "chat_template", None)),
         api_key=getattr(ns, "api_key", None) or os.environ.get(API_KEY_ENV) or None,
         task="embedding" if getattr(ns, "task", "generate") in ("embed", "embedding") else "generate",
+        max_request_body_bytes=getattr(ns, "max_request_body_bytes", DEFAULT_MAX_BODY_BYTES),
+        request_body_timeout=getattr(ns, "request_body_timeout", DEFAULT_BODY_TIMEOUT_S),
     )

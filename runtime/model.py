@@ -200,6 +200,38 @@ class VLMModel(kserve.Model):
         llm = self.llm
         return llm.stats if llm is not None else None
 
+    # -- checks shared by every route (OpenAI, v2 REST and gRPC): one answer for one input ------
+    def check_prompt_length(self, prompt: EnginePrompt, max_tokens: int | None, what: str) -> None:
+        """The prompt must leave room for ``max_tokens`` (None: whatever is left) within
+        max_model_len. ``what`` names the prompt's field; ``PromptError`` otherwise."""
+        limit, n = self.max_model_len, len(prompt.token_ids)
+        if n == 0:
+            raise PromptError(f"{what}: the prompt is empty after tokenisation", what)
+        if n >= limit:
+            raise PromptError(
+                f"{what}: the prompt is {n} tokens long, but this model's maximum context length "
+                f"(max_model_len) is {limit} tokens, and at least one token must be left for the "
+                "completion; shorten the prompt", what, "context_length_exceeded")
+        if max_tokens is not None and n + max_tokens > limit:
+            raise PromptError(
+                f"max_tokens: this model's maximum context length (max_model_len) is {limit} tokens, but "
+                f"{n + max_tokens} were requested ({n} in the {what}, {max_tokens} in the completion); "
+                "reduce the length of the prompt or max_tokens", "max_tokens", "context_length_exceeded")
+
+    def check_image_count(self, count: int, what: str) -> None:
+        """Refuse more images than the model takes per prompt (``--limit-mm-per-prompt``) before
+        any is downloaded or decoded; ``PromptError`` naming ``what``."""
+        if not count:
+            return
+        mm = getattr(self.llm.processor, "mm_processor", None)
+        if mm is None or not mm.image_placeholder_text:
+            raise PromptError(f"{what}: {count} image(s) were given but the model `{self.name}` takes text only",
+                              what, "too_many_images")
+        limit = mm.limits.get("image")
+        if limit is not None and count > limit:
+            raise PromptError(f"{what}: {count} images were given but at most {limit} image(s) may be provided "
+                              f"in one prompt (--limit-mm-per-prompt image={limit})", what, "too_many_images")
+
     @property
     def has_chat_template(self) -> bool:
         return bool(self.chat_template or getattr(self.llm.tokenizer, "chat_template", None))
@@ -214,7 +246,7 @@ class VLMModel(kserve.Model):
                 "--chat-template; use /v1/completions or restart with --chat-template FILE",
                 param="messages", code="chat_template_missing")
         conv = [flatten_text_content(m) for m in messages]
-        loader = await self._prefetch_images(conv)
+        loader = (await self._prefetch_images(conv)).for_request()
 
         def work() -> EnginePrompt:
             try:
@@ -258,11 +290,12 @@ class VLMModel(kserve.Model):
         if not images:
             return await self.encode_text(text)
 
+        self.check_image_count(len(images), "image")
+        loader = self._media_loader.for_request()
+
         def work() -> EnginePrompt:
             mm = self.llm.processor.mm_processor
-            if mm is None or not mm.image_placeholder_text:
-                raise PromptError(f"image: model {self.name!r} takes text only", param="image")
-            loaded = [self._media_loader.decode_image(data, f"image[{i}]") for i, data in enumerate(images)]
+            loaded = [loader.decode_image(data, f"image[{i}]") for i, data in enumerate(images)]
             have = text.count(mm.image_placeholder_token)
             prompt = text
             if have == 0:

@@ -279,35 +279,20 @@ class OpenAIDataPlane:
 
     @staticmethod
     def _check_length(model: VLMModel, prompt: EnginePrompt, max_tokens: int | None, what: str) -> None:
-        limit, n = model.max_model_len, len(prompt.token_ids)
-        if n == 0:
-            raise bad_request(f"{what}: the prompt is empty after tokenisation", what)
-        if n >= limit:
-            raise bad_request(
-                f"{what}: the prompt is {n} tokens long, but this model's maximum context length "
-                f"(max_model_len) is {limit} tokens, and at least one token must be left for the "
-                "completion; shorten the prompt", what, "context_length_exceeded")
-        if max_tokens is not None and n + max_tokens > limit:
-            raise bad_request(
-                f"max_tokens: this model's maximum context length (max_model_len) is {limit} tokens, but "
-                f"{n + max_tokens} were requested ({n} in the {what}, {max_tokens} in the completion); "
-                "reduce the length of the prompt or max_tokens", "max_tokens", "context_length_exceeded")
+        try:
+            model.check_prompt_length(prompt, max_tokens, what)
+        except PromptError as exc:
+            raise _from_value_error(exc) from exc
 
     @staticmethod
-    def _check_images(model: VLMModel, req: ChatCompletionRequest) -> None:
+    def _check_images(model: VLMModel, req: ChatCompletionRequest | EmbeddingRequest) -> None:
         """Refuse more images than the model takes per prompt before any is downloaded or decoded."""
-        count = sum(1 for m in req.messages if isinstance(m.content, list)
+        count = sum(1 for m in req.messages or () if isinstance(m.content, list)
                     for p in m.content if isinstance(p, ImageContentPart))
-        if not count:
-            return
-        mm = getattr(model.llm.processor, "mm_processor", None)
-        if mm is None:
-            raise bad_request(f"messages: {count} image(s) were given but the model `{model.name}` takes text only",
-                              "messages", "too_many_images")
-        limit = mm.limits.get("image")
-        if limit is not None and count > limit:
-            raise bad_request(f"messages: {count} images were given but at most {limit} image(s) may be provided "
-                              f"in one prompt (--limit-mm-per-prompt image={limit})", "messages", "too_many_images")
+        try:
+            model.check_image_count(count, "messages")
+        except PromptError as exc:
+            raise _from_value_error(exc) from exc
 
     @staticmethod
     def _usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:

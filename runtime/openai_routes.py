@@ -13,7 +13,6 @@ handlers are cancelled when the connection drops.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -24,8 +23,11 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
+from runtime.draining import SHUTDOWN_MESSAGE, DeadlinePassed, ShutdownDeadline
 from runtime.errors import internal_error_message
+from runtime.json_body import JSONBodyError, parse_json
 from runtime.openai_dataplane import OpenAIDataPlane, OpenAIError, bad_request
+from runtime.openapi import request_body
 from runtime.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -55,9 +57,9 @@ async def parse_request(request: Request, cls: type[_Req]) -> _Req:
     """The JSON body as ``cls``; malformed JSON or invalid fields -> 400 naming the problem."""
     body = await request.body()
     try:
-        data: Any = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise bad_request(f"The request body is not valid JSON: {exc}", code="invalid_json") from exc
+        data: Any = parse_json(body)
+    except JSONBodyError as exc:
+        raise bad_request(str(exc), exc.field, code="invalid_json") from exc
     if not isinstance(data, dict):
         raise bad_request("The request body must be a JSON object", code="invalid_json")
     try:
@@ -101,7 +103,15 @@ async def run_until_disconnect(request: Request, work: Awaitable[Response]) -> R
 
 class EngineStreamingResponse(StreamingResponse):
     """A StreamingResponse that always closes its body iterator (so a disconnect or a shutdown
-    aborts the engine request at once instead of whenever the generator is collected)."""
+    aborts the engine request at once instead of whenever the generator is collected) and, given
+    a ``deadline``, ends with ``shutdown_tail`` (the route's final error event) when the shutdown
+    grace period ends before the stream does."""
+
+    def __init__(self, *args: Any, deadline: ShutdownDeadline | None = None, shutdown_tail: str = "",
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deadline = deadline
+        self._shutdown_tail = shutdown_tail.encode()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
@@ -110,6 +120,30 @@ class EngineStreamingResponse(StreamingResponse):
             aclose = getattr(self.body_iterator, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+    async def stream_response(self, send: Any) -> None:
+        if self._deadline is None:
+            await super().stream_response(send)
+            return
+        started = False
+
+        async def tracked(message: Any) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await self._deadline.before_deadline(super().stream_response(tracked))
+        except DeadlinePassed:
+            # Cancelled between two sends (uvicorn writes each event whole), so the tail follows
+            # a complete event.
+            if not started:
+                await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            await send({"type": "http.response.body", "body": self._shutdown_tail, "more_body": False})
+
+
+def shutdown_error() -> OpenAIError:
+    return OpenAIError(503, SHUTDOWN_MESSAGE, type="service_unavailable_error", code="server_shutting_down")
 
 
 async def sse_events(first: BaseModel | None, chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
@@ -128,7 +162,7 @@ async def sse_events(first: BaseModel | None, chunks: AsyncIterator[BaseModel]) 
     yield "data: [DONE]\n\n"
 
 
-async def _respond(result: BaseModel | AsyncIterator[BaseModel]) -> Response:
+async def _respond(result: BaseModel | AsyncIterator[BaseModel], deadline: ShutdownDeadline) -> Response:
     """JSON for a response; SSE for a stream, whose first chunk is awaited here so that errors
     found when the engine takes the request are still answered with their 4xx status."""
     if isinstance(result, BaseModel):
@@ -140,11 +174,13 @@ async def _respond(result: BaseModel | AsyncIterator[BaseModel]) -> Response:
     except BaseException:
         await result.aclose()
         raise
+    tail = f"data: {shutdown_error().response().model_dump_json()}\n\ndata: [DONE]\n\n"
     return EngineStreamingResponse(sse_events(first, result), media_type="text/event-stream",
-                                   headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                   headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                   deadline=deadline, shutdown_tail=tail)
 
 
-async def _handle(request: Request, call: Callable[[], Awaitable[Response]]) -> Response:
+async def _handle(request: Request, call: Callable[[], Awaitable[Response]], deadline: ShutdownDeadline) -> Response:
     # Read the body first: the disconnect watcher must not consume the body's ASGI messages.
     try:
         await request.body()
@@ -161,32 +197,36 @@ async def _handle(request: Request, call: Callable[[], Awaitable[Response]]) -> 
         except Exception as exc:  # noqa: BLE001
             return error_response(_internal_error(exc))
 
-    return await run_until_disconnect(request, guarded())
+    try:
+        return await deadline.before_deadline(run_until_disconnect(request, guarded()))
+    except DeadlinePassed:
+        return error_response(shutdown_error())
 
 
-def build_openai_router(dataplane: OpenAIDataPlane) -> APIRouter:
+def build_openai_router(dataplane: OpenAIDataPlane, deadline: ShutdownDeadline | None = None) -> APIRouter:
     router = APIRouter()
+    deadline = deadline or ShutdownDeadline()
 
     async def chat_completions(request: Request) -> Response:
         async def call() -> Response:
             req = await parse_request(request, ChatCompletionRequest)
-            return await _respond(await dataplane.create_chat_completion(req))
+            return await _respond(await dataplane.create_chat_completion(req), deadline)
 
-        return await _handle(request, call)
+        return await _handle(request, call, deadline)
 
     async def completions(request: Request) -> Response:
         async def call() -> Response:
             req = await parse_request(request, CompletionRequest)
-            return await _respond(await dataplane.create_completion(req))
+            return await _respond(await dataplane.create_completion(req), deadline)
 
-        return await _handle(request, call)
+        return await _handle(request, call, deadline)
 
     async def embeddings(request: Request) -> Response:
         async def call() -> Response:
             req = await parse_request(request, EmbeddingRequest)
             return json_response(await dataplane.create_embedding(req))
 
-        return await _handle(request, call)
+        return await _handle(request, call, deadline)
 
     async def list_models() -> Response:
         return json_response(dataplane.list_models())
@@ -197,18 +237,21 @@ def build_openai_router(dataplane: OpenAIDataPlane) -> APIRouter:
         except OpenAIError as err:
             return error_response(err)
 
-    router.add_api_route("/chat/completions", chat_completions, methods=["POST"])
-    router.add_api_route("/completions", completions, methods=["POST"])
-    router.add_api_route("/embeddings", embeddings, methods=["POST"])
+    router.add_api_route("/chat/completions", chat_completions, methods=["POST"],
+                         openapi_extra=request_body(ChatCompletionRequest))
+    router.add_api_route("/completions", completions, methods=["POST"], openapi_extra=request_body(CompletionRequest))
+    router.add_api_route("/embeddings", embeddings, methods=["POST"], openapi_extra=request_body(EmbeddingRequest))
     router.add_api_route("/models", list_models, methods=["GET"])
     router.add_api_route("/models/{model_id:path}", get_model, methods=["GET"])
     return router
 
 
 def register_openai_routes(app: FastAPI, dataplane: OpenAIDataPlane,
-                           prefixes: tuple[str, ...] = OPENAI_PREFIXES) -> None:
+                           prefixes: tuple[str, ...] = OPENAI_PREFIXES,
+                           deadline: ShutdownDeadline | None = None) -> None:
     """Mount the OpenAI routes under each prefix. Call before KServe registers its own routes, so
-    that ``GET /v1/models[/{id}]`` answers OpenAI's shape rather than KServe v1's."""
-    router = build_openai_router(dataplane)
+    that ``GET /v1/models[/{id}]`` answers OpenAI's shape rather than KServe v1's. ``deadline``:
+    the end of the shutdown grace period (``runtime.draining``)."""
+    router = build_openai_router(dataplane, deadline)
     for prefix in prefixes:
         app.include_router(router, prefix=prefix)

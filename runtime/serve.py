@@ -15,7 +15,7 @@ import argparse
 import logging
 import sys
 
-from runtime.args import add_engine_args, engine_args_from, frontend_args_from
+from runtime.args import GRACE_HELP, add_engine_args, engine_args_from, frontend_args_from, non_negative_int
 
 logger = logging.getLogger("vlmserve.serve")
 
@@ -28,8 +28,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     parser.add_argument("--grpc-port", type=int, default=8081, help="gRPC (KServe v2) port (default: 8081)")
     parser.add_argument("--disable-grpc", action="store_true", help="do not start the gRPC server")
-    parser.add_argument("--graceful-shutdown-timeout", type=int, default=30, metavar="S",
-                        help="on SIGTERM, seconds in-flight requests may take to finish (default: 30)")
+    parser.add_argument("--graceful-shutdown-timeout", type=non_negative_int, default=30, metavar="S",
+                        help=GRACE_HELP)
     add_engine_args(parser)
     return parser
 
@@ -46,6 +46,8 @@ def launch(ns: argparse.Namespace, model_name: str, config) -> int:
         print(f"vlmserve: error: {exc}", file=sys.stderr)
         return 2
     config.api_key = frontend.api_key
+    config.max_body_bytes = frontend.max_request_body_bytes
+    config.body_timeout = frontend.request_body_timeout
     return serve(build_model(model_name, engine_args, frontend), config)
 
 

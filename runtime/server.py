@@ -11,8 +11,13 @@ gRPC servicer, ``DataPlane``, ``ModelRepository``) and changes what a generative
 * both the HTTP and the gRPC server bind ``host`` (KServe hard-codes 0.0.0.0 and [::]);
 * it mounts the OpenAI routes (``runtime.openai_routes``), the API-key checks (HTTP middleware
   and gRPC interceptor) and the engine gauges on ``/metrics``;
+* what KServe answered 5xx or plain text for answers 4xx in JSON: model versions other than "1"
+  (404), KServe v1 ``:predict`` / ``:explain`` (404), requests uvicorn cannot parse (400, 414);
+  request bodies are bounded in size and time (``runtime.http_limits``: 413, 408);
 * SIGTERM / SIGINT: stop accepting connections, let in-flight requests finish (streams
-  included) for up to ``grace_period`` seconds, abort the rest, stop gRPC and the engines, exit 0.
+  included) for up to ``grace_period`` seconds; then each request still running answers for
+  itself (``runtime.draining``: 503 in JSON, a stream's final error event, a gRPC stream's error
+  response, gRPC UNAVAILABLE), then stop gRPC and the engines, exit 0.
   A model that fails to load, or an engine that dies, ends the server with exit code 1.
 """
 
@@ -27,6 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 from fastapi.responses import JSONResponse
 
 from engine.config import EngineArgs
@@ -43,12 +49,25 @@ from runtime._kserve import (
 )
 from runtime.args import FrontendArgs
 from runtime.auth import APIKeyMiddleware, grpc_api_key_interceptor
+from runtime.draining import SERVER_MARGIN_S, ShutdownDeadline
+from runtime.http_limits import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_MAX_BODY_BYTES,
+    JSONErrorHTTPProtocol,
+    RequestBodyMiddleware,
+)
 from runtime.metrics import register_engine_metrics
 from runtime.model import VLMModel
 from runtime.openai_dataplane import OpenAIDataPlane
 from runtime.openai_routes import register_openai_routes
+from runtime.openapi import publish_request_schemas
 from runtime.v2_dataplane import NO_REPOSITORY, V2DataPlane
-from runtime.v2_routes import register_repository_refusal, register_v2_routes
+from runtime.v2_routes import (
+    register_repository_refusal,
+    register_v1_refusal,
+    register_v2_routes,
+    register_version_routes,
+)
 
 logger = logging.getLogger("vlmserve.server")
 ENGINE_WATCH_INTERVAL_S = 1.0
@@ -69,6 +88,8 @@ class ServerConfig:
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     api_key: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # --max-request-body-bytes
+    body_timeout: float = DEFAULT_BODY_TIMEOUT_S  # --request-body-timeout
     kserve_args: dict[str, Any] = field(default_factory=dict)  # KServe's parsed flags, if any
 
 
@@ -142,11 +163,13 @@ class VLMGRPCServer(GRPCServer):
     place of KServe's, plus the API-key interceptor when a key is set."""
 
     def __init__(self, *args: Any, host: str = "0.0.0.0", api_key: str | None = None,
-                 v2_dataplane: V2DataPlane | None = None, **kwargs: Any) -> None:
+                 v2_dataplane: V2DataPlane | None = None, deadline: ShutdownDeadline | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._host = host
         self._api_key = api_key
         self._v2_dataplane = v2_dataplane
+        self._deadline = deadline
 
     async def start(self, max_workers: int) -> None:
         from grpc import aio
@@ -166,7 +189,7 @@ class VLMGRPCServer(GRPCServer):
                      ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length"))],
         )
         add_v2_servicer(self._server, self._data_plane,
-                        self._v2_dataplane or V2DataPlane(self._data_plane.model_registry))
+                        self._v2_dataplane or V2DataPlane(self._data_plane.model_registry), self._deadline)
         # Where the HTTP server binds too (KServe's [::] would also listen on every interface).
         address = grpc_address(self._host, self._port)
         self._server.add_insecure_port(address)
@@ -207,32 +230,43 @@ class VLMModelServer(kserve.ModelServer):
         self.model_repository_extension = NoRepositoryExtension(self.registered_models)
         self.exit_code = 0
         self._stopping = False
+        self.deadline = ShutdownDeadline()  # the end of the grace period after SIGTERM
 
     # -- set-up -------------------------------------------------------------------------------------
     def _build_app(self) -> None:
         app = model_server.app
+        # Starlette runs the middleware added last first: the key is checked before a body is read.
+        app.add_middleware(RequestBodyMiddleware, max_body_bytes=self.config.max_body_bytes,
+                           body_timeout=self.config.body_timeout)
         if self.config.api_key:
             app.add_middleware(APIKeyMiddleware, api_key=self.config.api_key)
         # Ours first: FastAPI matches in order, so GET /v1/models answers OpenAI's shape.
-        register_openai_routes(app, OpenAIDataPlane(self.registered_models))
+        register_openai_routes(app, OpenAIDataPlane(self.registered_models), deadline=self.deadline)
         v2 = V2DataPlane(self.registered_models)
-        register_v2_routes(app, v2)  # v2 infer / generate / generate_stream, ahead of KServe's infer
+        # v2 infer / generate / generate_stream, ahead of KServe's infer
+        register_v2_routes(app, v2, self.deadline, self.config.max_body_bytes)
+        register_version_routes(app, self.dataplane)  # ahead of KServe's 501 for any version
+        register_v1_refusal(app)  # ahead of KServe's :predict / :explain (501)
         register_repository_refusal(app)  # ahead of KServe's load / unload
+        publish_request_schemas(app)
         register_engine_metrics(lambda: [(m.name, m) for m in self.models])
 
+        # uvicorn and gRPC cancel what is left SERVER_MARGIN_S after our deadline: by then every
+        # request has answered for itself (runtime.draining).
+        hard_stop = self.grace_period + SERVER_MARGIN_S
         self._rest_server = VLMRESTServer(
             FASTAPI_APP_IMPORT_STRING, self.dataplane, self.model_repository_extension, self.http_port,
-            access_log_format=self.access_log_format, workers=1, grace_period=self.grace_period,
+            access_log_format=self.access_log_format, workers=1, grace_period=hard_stop,
             event_loop=self.event_loop, timeout_keep_alive=self.timeout_keep_alive,
             ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile,
         )
         self._rest_server.config.host = self.config.host
+        self._rest_server.config.http = JSONErrorHTTPProtocol  # JSON for what uvicorn refuses itself
         if self.enable_grpc:
             kwargs = dict(vars(model_server.args), **self.config.kserve_args)
             self._grpc_server = VLMGRPCServer(self.grpc_port, self.dataplane, self.model_repository_extension,
-                                              kwargs=kwargs, grace_period=self.grace_period,
-                                              host=self.config.host, api_key=self.config.api_key,
-                                              v2_dataplane=v2)
+                                              kwargs=kwargs, grace_period=hard_stop, host=self.config.host,
+                                              api_key=self.config.api_key, v2_dataplane=v2, deadline=self.deadline)
 
     def start(self, models: Sequence[VLMModel]) -> int:  # type: ignore[override]
         """Serve until a signal (or a fatal model error); returns the process exit code."""
@@ -249,6 +283,10 @@ class VLMModelServer(kserve.ModelServer):
     async def _serve_all(self) -> None:
         self.setup_event_loop()
         loop = asyncio.get_running_loop()
+        # Starlette streams in an anyio task group, whose first use imports anyio's asyncio backend
+        # (~20 ms): done here, not in the first stream (whose tokens it held back and bunched).
+        async with anyio.create_task_group():
+            pass
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._request_stop, f"signal {signal.Signals(sig).name}")
         rest = asyncio.create_task(self._rest_server.start(), name="rest")
@@ -282,6 +320,9 @@ class VLMModelServer(kserve.ModelServer):
             model.ready = False
         server = self._rest_server._server  # uvicorn.Server: finish in-flight requests, then return
         server.should_exit = True
+        # Past the grace period, every request still running answers with an error (503, or a
+        # stream's last event) instead of being cut off by uvicorn.
+        asyncio.get_running_loop().call_later(self.grace_period, self.deadline.expire)
 
     async def _load(self, model: VLMModel) -> None:
         """Load one model in a daemon thread (an interrupted start must not block exit)."""

@@ -19,7 +19,6 @@ little-endian length followed by its bytes.
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import struct
@@ -28,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from runtime.json_body import JSONBodyError, parse_json
 
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -175,23 +176,39 @@ def _to_json(datatype: str, data: list[Any]) -> list[Any]:
 
 
 # -- REST -------------------------------------------------------------------------------------------
-def _decompress(body: bytes, encoding: str | None) -> bytes:
+def _decompress(body: bytes, encoding: str | None, max_bytes: int) -> bytes:
     encoding = (encoding or "").strip().lower()
-    try:
-        if encoding == "gzip":
-            return gzip.decompress(body)
-        if encoding == "deflate":
-            return zlib.decompress(body)
-    except (OSError, zlib.error) as exc:
-        raise V2Error(f"the request body is not valid {encoding} data: {exc}") from exc
-    if encoding not in ("", "identity"):
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
         raise V2Error(f"unsupported Content-Encoding {encoding!r}", 415)
-    return body
+    wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
+    try:
+        return _inflate(body, wbits, max_bytes)
+    except zlib.error as exc:
+        raise V2Error(f"the request body is not valid {encoding} data: {exc}") from exc
 
 
-def decode_rest_request(body: bytes, headers: dict[str, str]) -> DecodedRequest:
-    """A REST v2 infer body (JSON, or JSON header + binary tensors) -> ``DecodedRequest``."""
-    body = _decompress(body, headers.get("content-encoding"))
+def _inflate(data: bytes, wbits: int, max_bytes: int) -> bytes:
+    """Inflate ``data`` (every gzip member) to at most ``max_bytes``: a 200 KiB gzip body of zeros
+    inflates to 200 MiB, so the output is bounded while inflating, not after (413 past it)."""
+    out = bytearray()
+    while data:
+        inflater = zlib.decompressobj(wbits)
+        out += inflater.decompress(data, max_bytes + 1 - len(out))
+        if len(out) > max_bytes:
+            raise V2Error(f"the request body inflates past the limit of {max_bytes} bytes "
+                          "(--max-request-body-bytes)", 413)
+        if not inflater.eof:
+            raise zlib.error("truncated data")
+        data = inflater.unused_data
+    return bytes(out)
+
+
+def decode_rest_request(body: bytes, headers: dict[str, str], max_bytes: int = 64 * 1024 * 1024) -> DecodedRequest:
+    """A REST v2 infer body (JSON, or JSON header + binary tensors) -> ``DecodedRequest``;
+    a compressed body may inflate to ``max_bytes``."""
+    body = _decompress(body, headers.get("content-encoding"), max_bytes)
     header_len = headers.get(HEADER_LENGTH)
     if header_len is not None:
         try:
@@ -204,9 +221,9 @@ def decode_rest_request(body: bytes, headers: dict[str, str]) -> DecodedRequest:
     else:
         head, binary = body, memoryview(b"")
     try:
-        req = json.loads(head)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise V2Error(f"the request body is not valid JSON: {exc}") from exc
+        req = parse_json(bytes(head), "the JSON header" if header_len is not None else "the request body")
+    except JSONBodyError as exc:
+        raise V2Error(str(exc)) from exc
     if not isinstance(req, dict):
         raise V2Error("the request body must be a JSON object")
     params = req.get("parameters") or {}
@@ -221,7 +238,7 @@ def decode_rest_request(body: bytes, headers: dict[str, str]) -> DecodedRequest:
             raise V2Error(f"inputs[{i}]: each input needs a 'name'")
         name = t["name"]
         datatype = t.get("datatype")
-        if datatype not in DATATYPES:
+        if not isinstance(datatype, str) or datatype not in DATATYPES:
             raise V2Error(f"input '{name}': unknown datatype {datatype!r}")
         shape = _check_shape(name, t.get("shape"))
         tparams = t.get("parameters") or {}

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import math
 import uuid
 from collections.abc import AsyncIterator
@@ -44,12 +43,14 @@ from engine.outputs import EngineOutputError
 from engine.pooling_params import PoolingParams
 from engine.sampling_params import SamplingParams
 from runtime._kserve import kserve
+from runtime.json_body import JSONBodyError, parse_json
 from runtime.model import EnginePrompt, PromptError, VLMModel
 from runtime.v2_codec import DecodedRequest, Tensor, V2Error
 
 # Why the model repository extension (load / unload / index) is not served, for REST and gRPC.
 NO_REPOSITORY = ("vlmserve serves one model loaded at start-up: the model repository extension "
                  "(load, unload, index) is not served")
+MODEL_VERSION = "1"  # the one version each model has (what responses and metadata name)
 OUTPUT_NAMES = ("text_output", "finish_reason", "num_input_tokens", "num_output_tokens")
 EMBEDDING_OUTPUT_NAMES = ("embedding",)
 _IGNORED_INPUTS = frozenset({"return_finish_reason", "return_cumulative_logprob", "return_logprobs",
@@ -132,12 +133,12 @@ def _coerce(key: str, value: Any) -> Any:
     if kind is list:  # stop: str or list of str; stop_token_ids: list of int
         if key == "stop":
             if isinstance(value, str):
-                value = json.loads(value) if value.startswith("[") else value
+                value = parse_json(value, f"'{key}'") if value.startswith("[") else value
             if isinstance(value, str) or (isinstance(value, list) and all(isinstance(s, str) for s in value)):
                 return value
             raise ValueError("must be a string or a list of strings")
         if isinstance(value, str):
-            value = json.loads(value)
+            value = parse_json(value, f"'{key}'")
         if isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in value):
             return value
         raise ValueError("must be a list of integers")
@@ -178,7 +179,7 @@ def sampling_params(values: dict[str, Any], where: str) -> SamplingParams:
                           f"{', '.join(sorted(_SAMPLING_TYPES))})")
         try:
             kwargs[key] = _coerce(key, value)
-        except (ValueError, TypeError, json.JSONDecodeError) as exc:
+        except (ValueError, TypeError) as exc:  # JSONBodyError included
             raise V2Error(f"{where}: '{key}' {exc}") from exc
     try:
         return SamplingParams(**kwargs)
@@ -219,9 +220,9 @@ def parse_request(req: DecodedRequest, *, allow_stream: bool) -> GenerateRequest
     if "sampling_parameters" in by_name:
         raw = _utf8("sampling_parameters", _one(by_name["sampling_parameters"], "BYTES"))
         try:
-            parsed = json.loads(raw) if raw.strip() else {}
-        except json.JSONDecodeError as exc:
-            raise V2Error(f"input 'sampling_parameters': not valid JSON ({exc})") from exc
+            parsed = parse_json(raw, "input 'sampling_parameters'") if raw.strip() else {}
+        except JSONBodyError as exc:
+            raise V2Error(str(exc)) from exc
         if not isinstance(parsed, dict):
             raise V2Error("input 'sampling_parameters': must be a JSON object")
         values.update(parsed)
@@ -238,10 +239,14 @@ class V2DataPlane:
     def __init__(self, registry: kserve.ModelRepository) -> None:
         self.registry = registry
 
-    def resolve(self, name: str) -> VLMModel:
+    def resolve(self, name: str, version: str | None = None) -> VLMModel:
+        """The served model ``name``; ``version`` (as the URL or gRPC request gives it) must be
+        empty or the one version served (404 otherwise, as for an unknown model)."""
         model = self.registry.get_model(name)
         if model is None:
             raise V2Error(f"Model with name {name} does not exist.", 404)
+        if version not in (None, "", MODEL_VERSION):
+            raise V2Error(f"Model {name} has no version {version!r}; it serves version {MODEL_VERSION} only.", 404)
         if not isinstance(model, VLMModel):
             raise V2Error(f"model {name} is not a generative model", 400)
         if not model.ready or model.llm is None:
@@ -297,16 +302,11 @@ class V2DataPlane:
     async def prompt(model: VLMModel, req: GenerateRequest) -> EnginePrompt:
         try:
             prompt = await model.encode_text_with_images(req.text, req.images)
+            model.check_prompt_length(prompt, req.params.max_tokens, "text_input")
         except PromptError as exc:
             raise V2Error(str(exc)) from exc
         except ValueError as exc:  # engine.media.MediaError: 400, 413, ...
             raise V2Error(str(exc), getattr(exc, "status", 400)) from exc
-        limit, n = model.max_model_len, len(prompt.token_ids)
-        if n == 0:
-            raise V2Error("input 'text_input': the prompt is empty after tokenisation")
-        if n >= limit:
-            raise V2Error(f"input 'text_input': the prompt is {n} tokens long, but max_model_len is {limit} "
-                          "and at least one token must be generated")
         return prompt
 
     async def generate(self, model: VLMModel, req: GenerateRequest) -> AsyncIterator[Piece]:

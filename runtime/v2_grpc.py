@@ -14,8 +14,11 @@ which has no streaming rpc:
 * RepositoryModelLoad / Unload: UNIMPLEMENTED (one model, loaded at start-up; an unload would
   stop it for good). The proto has no RepositoryIndex, so gRPC answers that one UNIMPLEMENTED too.
 
-Errors (unary rpcs): bad input INVALID_ARGUMENT, unknown model NOT_FOUND, not ready
-UNAVAILABLE, through KServe's exception interceptor (``grpc_interceptor`` exceptions).
+Errors (unary rpcs): bad input INVALID_ARGUMENT, unknown model (or a ``model_version`` other
+than "1") NOT_FOUND, not ready UNAVAILABLE, through KServe's exception interceptor
+(``grpc_interceptor`` exceptions). When the shutdown grace period ends (``runtime.draining``), a
+ModelInfer still running answers UNAVAILABLE, and each request of a ModelStreamInfer still running
+gets its final response with ``error_message``; then the stream ends.
 """
 
 from __future__ import annotations
@@ -29,12 +32,13 @@ from grpc_interceptor import exceptions as grpc_exc
 
 from runtime import v2_grpc_predict_pb2 as pb
 from runtime import v2_grpc_predict_pb2_grpc as pb_grpc
+from runtime.draining import SHUTDOWN_MESSAGE, DeadlinePassed, ShutdownDeadline
 from runtime.errors import internal_error_message
 from runtime.v2_codec import V2Error, decode_grpc_request, encode_grpc_response
-from runtime.v2_dataplane import NO_REPOSITORY, Piece, V2DataPlane, output_tensors, parse_request
+from runtime.v2_dataplane import MODEL_VERSION, NO_REPOSITORY, Piece, V2DataPlane, output_tensors, parse_request
 
 logger = logging.getLogger("vlmserve.v2.grpc")
-DEFAULT_VERSION = "1"
+DEFAULT_VERSION = MODEL_VERSION
 FINAL = "triton_final_response"
 
 
@@ -51,9 +55,10 @@ def grpc_error(err: V2Error) -> grpc_exc.GrpcException:
 
 
 class V2InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, data_plane: Any, v2: V2DataPlane) -> None:
+    def __init__(self, data_plane: Any, v2: V2DataPlane, deadline: ShutdownDeadline | None = None) -> None:
         self._data_plane = data_plane  # KServe's DataPlane (health, metadata)
         self._v2 = v2
+        self._deadline = deadline or ShutdownDeadline()  # the end of the shutdown grace period
 
     # -- health and metadata ---------------------------------------------------------------------
     async def ServerLive(self, request: Any, context: Any) -> Any:
@@ -85,7 +90,7 @@ class V2InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- inference ----------------------------------------------------------------------------------
     def _prepare(self, request: Any, allow_stream: bool) -> tuple[Any, Any, Any]:
-        model = self._v2.resolve(request.model_name)
+        model = self._v2.resolve(request.model_name, request.model_version)
         decoded = decode_grpc_request(request)
         self._v2.check_outputs(decoded)
         return model, decoded, parse_request(decoded, allow_stream=allow_stream)
@@ -99,7 +104,7 @@ class V2InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         try:
-            model = self._v2.resolve(request.model_name)
+            model = self._v2.resolve(request.model_name, request.model_version)
             if model.is_embedding:
                 tensors = await self._v2.embed(model, decode_grpc_request(request))
                 return encode_grpc_response(pb, request.model_name, request.model_version or DEFAULT_VERSION,
@@ -108,9 +113,11 @@ class V2InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise grpc_error(err) from err
         try:
             model, decoded, req = self._prepare(request, allow_stream=False)
-            piece = await self._v2.infer(model, req)
+            piece = await self._deadline.before_deadline(self._v2.infer(model, req))
         except V2Error as err:
             raise grpc_error(err) from err
+        except DeadlinePassed:
+            raise grpc_exc.Unavailable(SHUTDOWN_MESSAGE) from None
         except Exception as exc:  # KServe's interceptor would answer INTERNAL without an id to quote
             raise grpc_exc.Internal(internal_error_message(logger, exc, "infer request failed")) from exc
         return self._response(request, decoded, piece)
@@ -120,44 +127,59 @@ class V2InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         tasks: set[asyncio.Task] = set()
         done = object()
 
+        async def generate(request: Any) -> None:
+            model, decoded, req = self._prepare(request, allow_stream=True)
+            async with aclosing(self._v2.generate(model, req)) as pieces:
+                async for piece in pieces:
+                    queue.put_nowait(pb.ModelStreamInferResponse(
+                        infer_response=self._response(request, decoded, piece, piece.final)))
+
         async def serve_one(request: Any) -> None:
             try:
-                model, decoded, req = self._prepare(request, allow_stream=True)
-                async with aclosing(self._v2.generate(model, req)) as pieces:
-                    async for piece in pieces:
-                        queue.put_nowait(pb.ModelStreamInferResponse(
-                            infer_response=self._response(request, decoded, piece, piece.final)))
+                await self._deadline.before_deadline(generate(request))
             except V2Error as err:
                 queue.put_nowait(self._error(request, err.message))
+            except DeadlinePassed:  # its final response: the error, so the client knows it ended
+                queue.put_nowait(self._error(request, SHUTDOWN_MESSAGE))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 queue.put_nowait(self._error(request, internal_error_message(logger, exc, "stream request failed")))
 
         async def read_requests() -> None:
+            async for request in request_iterator:
+                task = asyncio.create_task(serve_one(request))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+
+        async def finish() -> None:
+            """``done`` once the client has sent all its requests and each is answered, or once the
+            shutdown grace period ends (each request in flight then answers its error first)."""
             try:
-                async for request in request_iterator:
-                    task = asyncio.create_task(serve_one(request))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
+                deadline = asyncio.ensure_future(self._deadline.wait())
+                await asyncio.wait({reader, deadline}, return_when=asyncio.FIRST_COMPLETED)
+                deadline.cancel()
+                if not reader.done():
+                    reader.cancel()  # shutting down: take no more requests
                 while tasks:
                     await asyncio.gather(*list(tasks), return_exceptions=True)
             finally:
                 queue.put_nowait(done)
 
         reader = asyncio.create_task(read_requests())
+        finisher = asyncio.create_task(finish())
         try:
             while True:
                 item = await queue.get()
                 if item is done:
                     break
                 yield item
-            await reader
+            if not reader.cancelled():
+                await reader
         finally:  # the client went away (or the server stops): abort what is still running
-            reader.cancel()
-            for task in list(tasks):
+            for task in (reader, finisher, *tasks):
                 task.cancel()
-            await asyncio.gather(reader, *list(tasks), return_exceptions=True)
+            await asyncio.gather(reader, finisher, *list(tasks), return_exceptions=True)
 
     @staticmethod
     def _error(request: Any, message: str) -> Any:
@@ -167,7 +189,8 @@ class V2InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelStreamInferResponse(error_message=message, infer_response=resp)
 
 
-def add_v2_servicer(server: Any, data_plane: Any, v2: V2DataPlane) -> V2InferenceServicer:
-    servicer = V2InferenceServicer(data_plane, v2)
+def add_v2_servicer(server: Any, data_plane: Any, v2: V2DataPlane,
+                    deadline: ShutdownDeadline | None = None) -> V2InferenceServicer:
+    servicer = V2InferenceServicer(data_plane, v2, deadline)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     return servicer

@@ -18,8 +18,11 @@ model repository extension: load, unload, Triton's index) with 405 and ``{"error
 serves one model loaded at start-up: ..."}``, ahead of KServe's load / unload routes: vlmserve
 serves the model it started with, and KServe's unload would stop that model for good.
 
-Errors are KServe's v2 shape ``{"error": "..."}`` with 400 (bad input), 404 (unknown model),
-503 (not ready), 413 (image too large). A client that disconnects cancels its request.
+Errors are KServe's v2 shape ``{"error": "..."}`` with 400 (bad input), 404 (unknown model, or
+a version other than "1"), 503 (not ready, or the shutdown grace period ended), 413 (image or body
+too large). A client that disconnects cancels its request. ``register_version_routes`` and
+``register_v1_refusal`` answer what KServe answered 501 for (versioned metadata / readiness,
+v1 ``:predict`` / ``:explain``).
 """
 
 from __future__ import annotations
@@ -33,10 +36,15 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import ClientDisconnect
 
+from runtime.draining import SHUTDOWN_MESSAGE, DeadlinePassed, ShutdownDeadline
 from runtime.errors import internal_error_message
+from runtime.http_limits import DEFAULT_MAX_BODY_BYTES
+from runtime.json_body import JSONBodyError, parse_json
 from runtime.openai_routes import EngineStreamingResponse, run_until_disconnect
+from runtime.openapi import request_body
 from runtime.v2_codec import (
     DecodedRequest,
     Tensor,
@@ -45,10 +53,10 @@ from runtime.v2_codec import (
     encode_rest_response,
     tensor_to_json_value,
 )
-from runtime.v2_dataplane import NO_REPOSITORY, Piece, V2DataPlane, output_tensors, parse_request
+from runtime.v2_dataplane import MODEL_VERSION, NO_REPOSITORY, Piece, V2DataPlane, output_tensors, parse_request
 
 logger = logging.getLogger("vlmserve.v2")
-DEFAULT_VERSION = "1"
+DEFAULT_VERSION = MODEL_VERSION
 
 
 def error_response(err: V2Error) -> JSONResponse:
@@ -59,7 +67,11 @@ def _internal(exc: BaseException) -> V2Error:
     return V2Error(internal_error_message(logger, exc, "v2 request failed"), 500)
 
 
-async def _handle(request: Request, call: Callable[[], Awaitable[Response]]) -> Response:
+def shutdown_error() -> V2Error:
+    return V2Error(SHUTDOWN_MESSAGE, 503)
+
+
+async def _handle(request: Request, call: Callable[[], Awaitable[Response]], deadline: ShutdownDeadline) -> Response:
     try:
         await request.body()  # read before the disconnect watcher takes over receive()
     except ClientDisconnect:
@@ -75,10 +87,33 @@ async def _handle(request: Request, call: Callable[[], Awaitable[Response]]) -> 
         except Exception as exc:  # noqa: BLE001
             return error_response(_internal(exc))
 
-    return await run_until_disconnect(request, guarded())
+    try:
+        return await deadline.before_deadline(run_until_disconnect(request, guarded()))
+    except DeadlinePassed:
+        return error_response(shutdown_error())
 
 
 # -- generate extension: JSON object <-> tensors ---------------------------------------------------
+class V2GenerateRequest(BaseModel):
+    """The body ``_generate_inputs`` takes, for the OpenAPI schema only (validation is
+    ``_generate_inputs`` and ``parse_request``): Triton's generate extension, inputs by name."""
+
+    model_config = ConfigDict(extra="forbid")
+    text_input: str = Field(description="the prompt")
+    image: str | list[str] = Field(default=None, description="encoded images, base64 (or data: URLs)")
+    sampling_parameters: str | dict[str, Any] = Field(
+        default=None, description="a JSON object (or its text): temperature, top_p, top_k, max_tokens, seed, ...")
+    parameters: dict[str, Any] = Field(default=None, description="sampling parameters too (sampling_parameters wins)")
+    stream: bool = Field(default=None, description="stream pieces (generate_stream only; its default)")
+    exclude_input_in_output: bool = Field(default=None, description="text_output without the prompt")
+    id: str = Field(default=None, description="echoed in the response")
+    return_finish_reason: bool = Field(default=None, description="accepted and ignored (Triton's vLLM backend)")
+    return_cumulative_logprob: bool = Field(default=None, description="accepted and ignored")
+    return_logprobs: bool = Field(default=None, description="accepted and ignored")
+    return_num_input_tokens: bool = Field(default=None, description="accepted and ignored")
+    return_num_output_tokens: bool = Field(default=None, description="accepted and ignored")
+
+
 def _generate_inputs(body: Any) -> DecodedRequest:
     if not isinstance(body, dict):
         raise V2Error("the request body must be a JSON object")
@@ -115,19 +150,23 @@ def _generate_body(name: str, version: str, rid: str, piece: Piece) -> dict[str,
 
 async def _read_json(request: Request) -> Any:
     try:
-        return json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise V2Error(f"the request body is not valid JSON: {exc}") from exc
+        return parse_json(await request.body())
+    except JSONBodyError as exc:
+        raise V2Error(str(exc)) from exc
 
 
-def build_v2_router(dataplane: V2DataPlane) -> APIRouter:
+def build_v2_router(dataplane: V2DataPlane, deadline: ShutdownDeadline | None = None,
+                    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> APIRouter:
+    """``max_body_bytes``: the most a gzip / deflate infer body may inflate to (413 past it)."""
     router = APIRouter()
+    deadline = deadline or ShutdownDeadline()
+    shutdown_tail = f"data: {json.dumps({'error': SHUTDOWN_MESSAGE})}\n\n"
 
     async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
         async def call() -> Response:
-            model = dataplane.resolve(model_name)
+            model = dataplane.resolve(model_name, model_version)
             headers = {k.lower(): v for k, v in request.headers.items()}
-            decoded = decode_rest_request(await request.body(), headers)
+            decoded = decode_rest_request(await request.body(), headers, max_body_bytes)
             if model.is_embedding:
                 tensors = await dataplane.embed(model, decoded)
             else:
@@ -146,21 +185,21 @@ def build_v2_router(dataplane: V2DataPlane) -> APIRouter:
             return Response(content=content, status_code=200, headers=out_headers,
                             media_type=out_headers.pop("content-type"))
 
-        return await _handle(request, call)
+        return await _handle(request, call, deadline)
 
     async def generate(request: Request, model_name: str, model_version: str | None = None) -> Response:
         async def call() -> Response:
-            model = dataplane.resolve(model_name)
+            model = dataplane.resolve(model_name, model_version)
             decoded = _generate_inputs(await _read_json(request))
             req = parse_request(decoded, allow_stream=False)
             piece = await dataplane.infer(model, req)
             return JSONResponse(_generate_body(model_name, model_version or DEFAULT_VERSION, decoded.id, piece))
 
-        return await _handle(request, call)
+        return await _handle(request, call, deadline)
 
     async def generate_stream(request: Request, model_name: str, model_version: str | None = None) -> Response:
         async def call() -> Response:
-            model = dataplane.resolve(model_name)
+            model = dataplane.resolve(model_name, model_version)
             body = await _read_json(request)
             decoded = _generate_inputs(body)
             if "stream" not in body and "stream" not in decoded.parameters:
@@ -177,16 +216,19 @@ def build_v2_router(dataplane: V2DataPlane) -> APIRouter:
             version = model_version or DEFAULT_VERSION
             return EngineStreamingResponse(_sse(model_name, version, decoded.id, first, pieces),
                                            media_type="text/event-stream",
-                                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                           deadline=deadline, shutdown_tail=shutdown_tail)
 
-        return await _handle(request, call)
+        return await _handle(request, call, deadline)
 
     for suffix in ("", "/versions/{model_version}"):
         base = "/v2/models/{model_name}" + suffix
         router.add_api_route(base + "/infer", infer, methods=["POST"], include_in_schema=not suffix)
-        router.add_api_route(base + "/generate", generate, methods=["POST"], include_in_schema=not suffix)
+        body = request_body(V2GenerateRequest)
+        router.add_api_route(base + "/generate", generate, methods=["POST"], include_in_schema=not suffix,
+                             openapi_extra=body)
         router.add_api_route(base + "/generate_stream", generate_stream, methods=["POST"],
-                             include_in_schema=not suffix)
+                             include_in_schema=not suffix, openapi_extra=body)
     return router
 
 
@@ -204,10 +246,11 @@ async def _sse(name: str, version: str, rid: str, first: Piece | None,
             yield f"data: {json.dumps({'error': _internal(exc).message})}\n\n"
 
 
-def register_v2_routes(app: FastAPI, dataplane: V2DataPlane) -> None:
+def register_v2_routes(app: FastAPI, dataplane: V2DataPlane, deadline: ShutdownDeadline | None = None,
+                       max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
     """Mount the v2 inference routes; call before KServe registers its own (FastAPI matches in
     order, so these answer ``/v2/models/{m}/infer`` instead of KServe's)."""
-    app.include_router(build_v2_router(dataplane))
+    app.include_router(build_v2_router(dataplane, deadline, max_body_bytes))
 
 
 async def _no_repository() -> JSONResponse:
@@ -220,3 +263,47 @@ def register_repository_refusal(app: FastAPI) -> None:
     (FastAPI matches in order, so this shadows KServe's ``/v2/repository/models/{m}/unload``)."""
     app.add_api_route("/v2/repository/{path:path}", _no_repository, include_in_schema=False,
                       methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+
+
+# Why KServe's v1 protocol (:predict / :explain) is not served (KServe answered 501 for it).
+NO_V1_PROTOCOL = ("vlmserve does not serve KServe's v1 protocol (:predict, :explain): use POST "
+                  "/v2/models/{model}/infer, /v2/models/{model}/generate or /v1/chat/completions")
+
+
+def register_version_routes(app: FastAPI, kserve_dataplane: Any) -> None:
+    """Serve ``/v2/models/{m}/versions/{v}`` and ``.../ready``: the one version each model has
+    (``MODEL_VERSION``) answers as the model, another one 404 (KServe answered 501 for any
+    version). Call before KServe registers its own routes."""
+    from kserve.protocol.rest.v2_endpoints import V2Endpoints
+
+    endpoints = V2Endpoints(kserve_dataplane)
+
+    def unknown(model_name: str, model_version: str) -> JSONResponse:
+        return error_response(V2Error(f"Model {model_name} has no version {model_version!r}; it serves "
+                                      f"version {MODEL_VERSION} only.", 404))
+
+    async def metadata(model_name: str, model_version: str) -> Any:
+        if model_version != MODEL_VERSION:
+            return unknown(model_name, model_version)
+        return await endpoints.model_metadata(model_name)
+
+    async def ready(model_name: str, model_version: str) -> Any:
+        if model_version != MODEL_VERSION:
+            return unknown(model_name, model_version)
+        return await endpoints.model_ready(model_name)
+
+    base = "/v2/models/{model_name}/versions/{model_version}"
+    app.add_api_route(base, metadata, methods=["GET"], include_in_schema=False)
+    app.add_api_route(base + "/ready", ready, methods=["GET"], include_in_schema=False)
+
+
+def register_v1_refusal(app: FastAPI) -> None:
+    """Answer KServe v1's ``POST /v1/models/{m}:predict`` and ``:explain`` with a 404 naming the
+    routes to use (OpenAI's error shape, as everything under /v1); call before KServe's routes."""
+
+    async def refuse() -> JSONResponse:
+        return JSONResponse(status_code=404, content={"error": {
+            "message": NO_V1_PROTOCOL, "type": "not_found_error", "param": None, "code": "unsupported_protocol"}})
+
+    for verb in ("predict", "explain"):
+        app.add_api_route("/v1/models/{model_name}:" + verb, refuse, methods=["POST"], include_in_schema=False)

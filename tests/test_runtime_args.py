@@ -10,6 +10,7 @@ import pytest
 
 from engine import EngineArgs
 from runtime.args import (
+    DEFAULT_IMAGES_PER_PROMPT,
     engine_args_from,
     frontend_args_from,
     normalize_argv,
@@ -28,7 +29,11 @@ def test_serve_defaults_and_engine_args(tmp_path):
     ns = _parse("some/model")
     assert (ns.model, ns.host, ns.port, ns.grpc_port) == ("some/model", "0.0.0.0", 8000, 8081)
     ea = engine_args_from(ns)
-    assert ea == EngineArgs(model="some/model", task="generate")
+    # The server's default image limit (vLLM v1's 999 is no bound); a given spec keeps it for images.
+    assert ea == EngineArgs(model="some/model", task="generate",
+                            limit_mm_per_prompt={"image": DEFAULT_IMAGES_PER_PROMPT})
+    assert engine_args_from(_parse("m", "--limit-mm-per-prompt", "video=1")).limit_mm_per_prompt == {
+        "image": DEFAULT_IMAGES_PER_PROMPT, "video": 1}
 
     ns = _parse("m", "--dtype", "bfloat16", "--max_model_len", "512", "--max-num-seqs", "8", "--block-size", "32",
                 "--no-enable-prefix-caching", "--seed", "7", "--trust-remote-code", "--served-model-name", "a", "b",
