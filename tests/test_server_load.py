@@ -8,6 +8,9 @@ route at once:
 * a share of the prompts carry a PNG (a data URL for chat, a base64 / raw ``image`` tensor for v2);
 * some streams are dropped by their client after 2 chunks (chat SSE, generate_stream SSE, a
   cancelled gRPC stream): the server must abort them;
+* some non-streamed requests (chat, completions, v2 generate and infer, gRPC infer) are given up
+  by their client after HANGUP_S, long before their DROP_MAX_TOKENS tokens: the server must abort
+  them too;
 * poison requests (``seed`` 2**64 with temperature 1, which once killed the engine core) on
   chat, v2 generate, v2 infer, gRPC infer and gRPC stream: each gets its own 400 /
   INVALID_ARGUMENT and nothing else is affected.
@@ -15,11 +18,13 @@ route at once:
 Every other request is greedy and forced to ``OUT`` tokens (max_tokens = min_tokens,
 ignore_eos, temperature 0). Asserted, for a warm-up run of the mix and then the measured run:
 0 lost requests (each completes with ``OUT`` tokens, finish_reason "length"), 0 5xx, each output
-identical to a sequential reference (concurrency 1) of the same prompt, so also across routes:
-chat prompts are rendered with the model's chat template for the completions and v2 routes, so
-all routes see the same prompt tokens; the dropped streams counted as aborted and the running /
-waiting gauges back at 0; and the RSS of the server and its engine-core child after the measured
-run within 10% of the RSS after the warm-up run.
+text and prompt token count identical to a sequential reference (concurrency 1) of the same
+prompt, so also across routes (chat prompts are rendered with the model's chat template for the
+completions and v2 routes, so every route sees the same prompt tokens); every dropped stream
+counted as aborted, and no dropped or given-up request finishing on its own (the "length"
+finishes are exactly the greedy requests); the running / waiting gauges and KV cache usage back
+at 0; and the RSS of the server and its engine-core child after the measured run within 10% of
+the RSS after the warm-up run.
 
 The async clients reuse bench/serve_bench.py's SSE parser and raw BYTES tensor encoding.
 """
@@ -55,12 +60,14 @@ PER_CLIENT = 3
 OUT = 16  # forced output tokens of every greedy request
 DROP_MAX_TOKENS = 400  # a dropped stream could not finish on its own before its client hangs up
 DROP_AFTER = 2  # chunks a dropping client reads before it closes the stream
+HANGUP_S = 0.5  # a giving-up client's wait for a non-streamed answer (DROP_MAX_TOKENS take longer)
 NUM_TEXT, NUM_IMAGE = 8, 4  # distinct prompts
 GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 KINDS = ("chat", "chat_stream", "completions", "completions_stream", "v2_generate", "v2_stream", "v2_infer",
          "grpc_stream", "grpc_infer")
 DROP_KINDS = ("chat_stream", "v2_stream", "grpc_stream")
+HANGUP_KINDS = ("chat", "completions", "v2_generate", "v2_infer", "grpc_infer")
 POISON_KINDS = ("chat", "v2_generate", "v2_infer", "grpc_infer", "grpc_stream")
 GREEDY = {"temperature": 0, "max_tokens": OUT, "min_tokens": OUT, "ignore_eos": True}
 POISON = {"temperature": 1.0, "seed": 2**64, "max_tokens": OUT}
@@ -77,7 +84,7 @@ class Prompt:
 class Job:
     kind: str
     key: int  # the prompt
-    mode: str = "greedy"  # greedy | drop | poison
+    mode: str = "greedy"  # greedy | drop | hangup | poison
 
 
 @dataclass
@@ -158,7 +165,7 @@ def make_jobs() -> list[Job]:
     """CLIENTS * PER_CLIENT jobs; client c sends jobs[c::CLIENTS] one after the other."""
     jobs = []
     n_prompts = NUM_TEXT + NUM_IMAGE
-    drops = poisons = 0
+    drops = hangups = poisons = 0
     for i in range(CLIENTS * PER_CLIENT):
         kind = KINDS[i % len(KINDS)]
         key = (i + i // len(KINDS)) % n_prompts  # each prompt over every route
@@ -167,6 +174,10 @@ def make_jobs() -> list[Job]:
         if i % 16 == 5:
             jobs.append(Job(DROP_KINDS[drops % len(DROP_KINDS)], key, "drop"))
             drops += 1
+        elif i % 16 == 13:
+            kind = HANGUP_KINDS[hangups % len(HANGUP_KINDS)]
+            jobs.append(Job(kind, key % NUM_TEXT if kind == "completions" else key, "hangup"))
+            hangups += 1
         elif i % 37 == 12 and poisons < len(POISON_KINDS):
             jobs.append(Job(POISON_KINDS[poisons], key, "poison"))
             poisons += 1
@@ -179,7 +190,7 @@ def make_jobs() -> list[Job]:
 def _params(job: Job) -> dict[str, Any]:
     if job.mode == "poison":
         return dict(POISON)
-    if job.mode == "drop":
+    if job.mode in ("drop", "hangup"):
         return {**GREEDY, "max_tokens": DROP_MAX_TOKENS, "min_tokens": DROP_MAX_TOKENS}
     return dict(GREEDY)
 
@@ -350,10 +361,14 @@ async def _run(h: Harness, jobs: list[Job], concurrency: int) -> list[Result]:
     async def one(i: int) -> None:
         job = jobs[i]
         try:
-            if job.kind.startswith("grpc"):
-                results[i] = await _grpc(channel, h, job)
+            send = _grpc(channel, h, job) if job.kind.startswith("grpc") else _http(session, h, job)
+            if job.mode == "hangup":
+                try:
+                    results[i] = await asyncio.wait_for(send, HANGUP_S)
+                except asyncio.TimeoutError:
+                    results[i] = Result(job, error="gave up")
             else:
-                results[i] = await _http(session, h, job)
+                results[i] = await send
         except Exception as exc:  # noqa: BLE001 (a transport failure is a lost request)
             results[i] = Result(job, error=f"{type(exc).__name__}: {exc}"[:300])
 
@@ -383,6 +398,9 @@ def check(results: list[Result], reference: dict[int, Result]) -> dict[str, int]
         if r.job.mode == "poison":
             if r.status != 400 or "seed" not in (r.error or ""):
                 bad_poison.append(where)
+        elif r.job.mode == "hangup":
+            if r.error != "gave up":
+                bad_drop.append(where)
         elif r.job.mode == "drop":
             if r.status != 200 or r.error or r.chunks < DROP_AFTER or r.finish is not None:
                 bad_drop.append((*where, r.chunks, r.finish))
@@ -395,17 +413,23 @@ def check(results: list[Result], reference: dict[int, Result]) -> dict[str, int]
     assert not bad_poison, bad_poison
     assert not bad_drop, bad_drop
     assert not diverged, diverged
-    return {"drops": sum(r.job.mode == "drop" for r in results), "ok": len(results)}
+    return {mode: sum(r.job.mode == mode for r in results) for mode in ("greedy", "drop", "hangup", "poison")}
 
 
-def wait_idle(server: Server, timeout: float = 30.0) -> dict:
-    deadline = time.monotonic() + timeout
+def wait_idle(server: Server, timeout: float = 30.0, settle: float = 1.0) -> dict:
+    """The metrics once nothing has run or waited for ``settle`` seconds (a given-up request may
+    still be in tokenisation when the gauges first read 0)."""
+    deadline, idle_since = time.monotonic() + timeout, None
     while True:
         m = server.metrics()
         if metric(m, "vllm:num_requests_running") == 0 and metric(m, "vllm:num_requests_waiting") == 0:
-            return m
+            idle_since = idle_since or time.monotonic()
+            if time.monotonic() - idle_since >= settle:
+                return m
+        else:
+            idle_since = None
         assert time.monotonic() < deadline, (m, server.tail())
-        time.sleep(0.2)
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -425,6 +449,7 @@ def test_mixed_load_64_clients(server, vlm_dir) -> None:
     assert {j.kind for j in jobs if j.mode == "greedy"} == set(KINDS)
     assert {j.kind for j in jobs if j.mode == "poison"} == set(POISON_KINDS)
     assert {j.kind for j in jobs if j.mode == "drop"} == set(DROP_KINDS)
+    assert {j.kind for j in jobs if j.mode == "hangup"} == set(HANGUP_KINDS)
 
     # The reference: each prompt alone (concurrency 1), on v2 generate.
     ref_jobs = [Job("v2_generate", k) for k in range(len(h.prompts))]
@@ -443,12 +468,15 @@ def test_mixed_load_64_clients(server, vlm_dir) -> None:
         elapsed = time.monotonic() - t0
         counts = check(results, reference)
         after = wait_idle(server)
-        aborted = (metric(after, "vllm:request_success_total", finished_reason="abort")
-                   - metric(before, "vllm:request_success_total", finished_reason="abort"))
-        assert aborted == counts["drops"], (aborted, counts)
+        finished = {reason: metric(after, "vllm:request_success_total", finished_reason=reason)
+                    - metric(before, "vllm:request_success_total", finished_reason=reason)
+                    for reason in ("length", "abort", "stop")}
+        # Every dropped stream was aborted; a given-up request was aborted, or never reached the engine.
+        assert finished["length"] == counts["greedy"] and finished["stop"] == 0, (finished, counts)
+        assert counts["drop"] <= finished["abort"] <= counts["drop"] + counts["hangup"], (finished, counts)
         assert metric(after, "vllm:kv_cache_usage_perc") == 0
-        figures[phase] = (len(results), round(elapsed, 1), server.rss() / 2**20)
-    print(f"\nload test figures (requests, seconds, RSS MiB): {figures}")
+        figures[phase] = (len(results), round(elapsed, 1), server.rss() / 2**20, finished["abort"])
+    print(f"\nload test figures (requests, seconds, RSS MiB, aborted): {figures}")
     rss_warm, rss_load = figures["warm-up"][2], figures["load"][2]
     assert abs(rss_load - rss_warm) <= 0.10 * rss_warm, figures
     # The server still answers after the load.
