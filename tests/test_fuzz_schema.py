@@ -35,6 +35,7 @@ schemathesis = pytest.importorskip("schemathesis")  # pyproject's `test` extras 
 hypothesis = pytest.importorskip("hypothesis")
 
 from schemathesis.checks import not_a_server_error  # noqa: E402
+from schemathesis.core.failures import FailureGroup  # noqa: E402
 from schemathesis.generation import GenerationMode  # noqa: E402
 
 MAX_MODEL_LEN = 256
@@ -138,7 +139,7 @@ def fuzz(url: str) -> dict[str, Any]:
                 problem = None
                 try:
                     case.validate_response(response, checks=[not_a_server_error])
-                except (Exception, BaseExceptionGroup) as exc:  # schemathesis' failure, or a group of them
+                except (Exception, FailureGroup) as exc:  # schemathesis' failure, or a group of them
                     problem = f"{response.status_code} ({str(exc).strip().splitlines()[0]})"
                 if problem is None and 400 <= response.status_code < 500 and not _is_json(response):
                     problem = f"{response.status_code} without a JSON body"
@@ -167,3 +168,19 @@ def test_fuzz_served_schema(server):
     assert report["skipped"] == 0, f"the run outgrew its {BUDGET_S} s budget:\n{summary}"
     assert server.proc.poll() is None, server.tail()
     assert httpx.get(f"{server.url}/v2/health/ready", timeout=5).status_code == 200
+
+
+def test_model_version_query_parameter_is_not_a_501(server):
+    """Found by the fuzz test: KServe's ``GET /v2/models/{m}`` and ``.../ready`` take an optional
+    ``model_version`` query parameter and answered any non-empty one with 501 ("Model versioning
+    not supported yet."). The one version served answers as the model; another one 404 in JSON,
+    as ``/v2/models/{m}/versions/{v}`` does."""
+    get = lambda path, **params: httpx.get(server.url + path, params=params, timeout=10)
+    assert get(f"/v2/models/{MODEL}", model_version="1").json()["name"] == MODEL
+    assert get(f"/v2/models/{MODEL}/ready", model_version="1").json() == {"name": MODEL, "ready": True}
+    assert get(f"/v2/models/{MODEL}", model_version="").json()["name"] == MODEL
+    for path in (f"/v2/models/{MODEL}", f"/v2/models/{MODEL}/ready"):
+        r = get(path, model_version="2")
+        assert r.status_code == 404 and "version" in r.json()["error"], (path, r.status_code, r.text)
+    # an unknown model still answers KServe's 404
+    assert get("/v2/models/nope", model_version="1").status_code == 404
