@@ -271,9 +271,10 @@ NO_V1_PROTOCOL = ("vlmserve does not serve KServe's v1 protocol (:predict, :expl
 
 
 def register_version_routes(app: FastAPI, kserve_dataplane: Any) -> None:
-    """Serve ``/v2/models/{m}/versions/{v}`` and ``.../ready``: the one version each model has
-    (``MODEL_VERSION``) answers as the model, another one 404 (KServe answered 501 for any
-    version). Call before KServe registers its own routes."""
+    """Serve ``/v2/models/{m}/versions/{v}`` and ``.../ready``, and ``/v2/models/{m}`` and
+    ``.../ready`` with a ``model_version`` query parameter: the one version each model has
+    (``MODEL_VERSION``, or none given) answers as the model, another one 404 (KServe answered 501
+    for any version). Call before KServe registers its own routes."""
     from kserve.protocol.rest.v2_endpoints import V2Endpoints
 
     endpoints = V2Endpoints(kserve_dataplane)
@@ -295,6 +296,17 @@ def register_version_routes(app: FastAPI, kserve_dataplane: Any) -> None:
     base = "/v2/models/{model_name}/versions/{model_version}"
     app.add_api_route(base, metadata, methods=["GET"], include_in_schema=False)
     app.add_api_route(base + "/ready", ready, methods=["GET"], include_in_schema=False)
+
+    # KServe's unversioned routes take the version as an optional query parameter too (in the
+    # served schema, where schemathesis found the 501): answer it as the versioned routes do.
+    async def metadata_query(model_name: str, model_version: str | None = None) -> Any:
+        return await metadata(model_name, model_version or MODEL_VERSION)
+
+    async def ready_query(model_name: str, model_version: str | None = None) -> Any:
+        return await ready(model_name, model_version or MODEL_VERSION)
+
+    app.add_api_route("/v2/models/{model_name}", metadata_query, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/v2/models/{model_name}/ready", ready_query, methods=["GET"], include_in_schema=False)
 
 
 def register_v1_refusal(app: FastAPI) -> None:
