@@ -21,6 +21,8 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from multiprocessing.connection import Client
 from typing import Any, ClassVar
 
 from engine.config import EngineArgs
@@ -49,13 +51,24 @@ class EngineDeadError(RuntimeError):
     """The core process died; no request can be served any more."""
 
 
+@dataclass(frozen=True)
+class CoreAddress:
+    """Where another API process attaches to a running engine core (``AsyncLLM(attach=...)``)."""
+
+    address: str
+    authkey: bytes
+
+
 class AsyncLLM:
     # Factories ``f(async_llm) -> StatLogger`` applied to every AsyncLLM built in this process
     # (the server registers its Prometheus metrics here; see runtime/metrics.py).
     default_stat_loggers: ClassVar[list[Callable[[AsyncLLM], StatLogger]]] = []
 
     def __init__(self, engine_args: EngineArgs, start_timeout: float = 900.0,
-                 stat_loggers: list[StatLogger] | None = None) -> None:
+                 stat_loggers: list[StatLogger] | None = None, attach: CoreAddress | None = None) -> None:
+        """Start an engine core process, or with ``attach`` share the running one that another
+        AsyncLLM (the head, see ``core_address``) started: this one then serves its own requests
+        through it, and closing it (``shutdown``) leaves the core running."""
         self.engine_args = engine_args
         self.config = engine_args.create_engine_config()
         self.tokenizer = load_tokenizer(self.config)
@@ -67,7 +80,11 @@ class AsyncLLM:
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # pickled messages for the sender thread
         self._dead: str | None = None
         self._pool = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="vlmserve-preproc")
-        self._proc, self._conn = start_core_process(engine_args, timeout=120.0)
+        self._proc: subprocess.Popen | None = None
+        if attach is None:
+            self._proc, self._conn, self._authkey = start_core_process(engine_args, timeout=120.0)
+        else:
+            self._conn, self._authkey = Client(attach.address, family="AF_UNIX", authkey=attach.authkey), attach.authkey
         try:
             if not self._conn.poll(start_timeout):
                 raise RuntimeError(f"engine core did not start within {start_timeout:.0f} s")
@@ -103,7 +120,12 @@ class AsyncLLM:
 
     @property
     def is_running(self) -> bool:
-        return self._dead is None and self._proc.poll() is None
+        return self._dead is None and (self._proc is None or self._proc.poll() is None)
+
+    @property
+    def core_address(self) -> CoreAddress:
+        """Where other API processes attach to this engine core."""
+        return CoreAddress(self.info["frontend_address"], self._authkey)
 
     def num_unfinished(self) -> int:
         return len(self._queues)
@@ -197,7 +219,16 @@ class AsyncLLM:
             collector.put_error(asyncio.CancelledError(f"request {request_id} aborted"))
 
     def shutdown(self) -> None:
+        """Stop the core (the head), or detach from it (an attached AsyncLLM: the core aborts this
+        one's requests and serves on)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._proc is None:
+            self._outbox.put(None)
+            sender = getattr(self, "_sender", None)
+            if sender is not None:
+                sender.join(timeout=10)
+            self._conn.close()
+            return
         try:
             self._send(("shutdown",))
         except Exception:
@@ -254,7 +285,7 @@ class AsyncLLM:
         while True:
             try:
                 msg = recv_msg(self._conn)
-            except (EOFError, OSError):
+            except (EOFError, OSError, TypeError):  # TypeError: the connection was closed under us
                 msg = ("fatal", "engine core process exited")
             loop = self._loop
             if loop is not None and not loop.is_closed():

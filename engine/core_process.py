@@ -13,6 +13,8 @@ step to end), and an output thread pickles and writes each step's outputs while 
 runs.
 
 parent -> core: ("add", EngineRequest) | ("abort", [request_id]) | ("shutdown",)
+More API processes may attach to a running core and share it (``engine.core_frontends``); each
+gets the outputs of its own requests.
 core -> parent: ("ready", info) | ("outputs", [EngineCoreOutput], EngineStats)
               | ("error", request_id, message)    the request was refused (bad input: a 400)
               | ("failed", request_id, message)   a step running it raised (an internal error: a 500)
@@ -31,6 +33,8 @@ import threading
 from multiprocessing.connection import Client, Connection, Listener
 from typing import Any
 
+from engine.core_frontends import HEAD, FrontEnds
+
 logger = logging.getLogger(__name__)
 
 
@@ -48,8 +52,9 @@ def recv_msg(conn: Connection) -> Any:
     return pickle.loads(conn.recv_bytes())
 
 
-def run_engine_core(engine_args: Any, conn: Connection) -> None:
-    """Entry point of the core process: build the engine, then step while there is work."""
+def run_engine_core(engine_args: Any, conn: Connection, authkey: bytes | None = None) -> None:
+    """Entry point of the core process: build the engine, then step while there is work. With
+    ``authkey``, other front ends may attach (the ready message names the address)."""
     from engine.engine_core import EngineCore
 
     try:
@@ -57,20 +62,24 @@ def run_engine_core(engine_args: Any, conn: Connection) -> None:
     except Exception as exc:  # report start-up failures (bad model path, OOM) to the parent
         send_msg(conn, ("fatal", f"{type(exc).__name__}: {exc}"))
         return
-    send_msg(conn, ("ready", {"num_blocks": core.block_manager.num_usable_blocks}))
-    serve_core(core, conn)
+    frontends = FrontEnds(conn)
+    info: dict[str, Any] = {"num_blocks": core.block_manager.num_usable_blocks}
+    if authkey is not None:
+        frontends.listen(authkey, info)
+        info = frontends.ready_info
+    send_msg(conn, ("ready", info))
+    serve_core(core, frontends)
 
 
-def serve_core(core: Any, conn: Connection) -> None:
-    """Serve the parent on ``conn`` until it sends a shutdown or goes away: the input and output
-    threads around the step loop."""
-    inbox: queue.SimpleQueue = queue.SimpleQueue()
+def serve_core(core: Any, front: Connection | FrontEnds) -> None:
+    """Serve the front end(s) until the head sends a shutdown or goes away: a reader thread per
+    front end and an output thread around the step loop."""
+    frontends = front if isinstance(front, FrontEnds) else FrontEnds(front)
     outbox: queue.SimpleQueue = queue.SimpleQueue()
-    threading.Thread(target=_read_input, args=(conn, inbox), daemon=True, name="core-input").start()
-    writer = threading.Thread(target=_write_output, args=(conn, outbox), daemon=True, name="core-output")
+    writer = threading.Thread(target=_write_output, args=(frontends, outbox), daemon=True, name="core-output")
     writer.start()
     try:
-        _loop(core, inbox, outbox)
+        _loop(core, frontends, outbox)
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         pass  # the parent went away
     except Exception as exc:
@@ -81,22 +90,12 @@ def serve_core(core: Any, conn: Connection) -> None:
     writer.join(timeout=10)
 
 
-def _read_input(conn: Connection, inbox: queue.SimpleQueue) -> None:
-    """Input thread: every message from the parent, unpickled, as soon as it arrives; EOF (the
-    parent went away) becomes a shutdown."""
-    try:
-        while True:
-            inbox.put(recv_msg(conn))
-    except (EOFError, OSError):
-        inbox.put(("shutdown",))
-
-
-def _write_output(conn: Connection, outbox: queue.SimpleQueue) -> None:
-    """Output thread: pickles and writes messages in order until a None; a write to a parent that
-    went away ends it (the input thread then sees EOF too)."""
+def _write_output(frontends: FrontEnds, outbox: queue.SimpleQueue) -> None:
+    """Output thread: pickles and writes messages in order until a None; the head going away ends
+    it (its reader then reports a shutdown too)."""
     while (msg := outbox.get()) is not None:
         try:
-            send_msg(conn, msg)
+            frontends.deliver(msg)
         except (BrokenPipeError, OSError):
             return
 
@@ -105,9 +104,10 @@ def _write_output(conn: Connection, outbox: queue.SimpleQueue) -> None:
 REQUEST_FAILED = "the engine failed while running this request"
 
 
-def _loop(core: Any, inbox: queue.SimpleQueue, outbox: queue.SimpleQueue) -> None:
+def _loop(core: Any, frontends: FrontEnds, outbox: queue.SimpleQueue) -> None:
     from engine.engine_core import StepError
 
+    inbox = frontends.inbox
     while True:
         # Idle: block until the parent sends something. Busy: only take what is already there.
         msgs = [inbox.get()] if not core.has_unfinished() else []
@@ -116,11 +116,17 @@ def _loop(core: Any, inbox: queue.SimpleQueue, outbox: queue.SimpleQueue) -> Non
                 msgs.append(inbox.get_nowait())
             except queue.Empty:
                 break
-        for msg in msgs:
+        for sender, msg in msgs:
             kind = msg[0]
             if kind == "shutdown":
-                return
+                if sender == HEAD:
+                    return
+                continue  # only the head stops the core
+            if kind == "detach":  # a front end went away: nobody reads its requests any more
+                core.abort_requests(frontends.detach(sender))
+                continue
             if kind == "add":
+                frontends.note_add(sender, msg[1].request_id)
                 try:
                     core.add_request(msg[1])
                 except ValueError as exc:
@@ -143,9 +149,9 @@ def _loop(core: Any, inbox: queue.SimpleQueue, outbox: queue.SimpleQueue) -> Non
             outbox.put(("outputs", [], core.stats()))
 
 
-def start_core_process(engine_args: Any, timeout: float) -> tuple[subprocess.Popen, Connection]:
-    """Start the core process and return it with a connection to it; the engine args travel over
-    the authenticated socket, never on the command line."""
+def start_core_process(engine_args: Any, timeout: float) -> tuple[subprocess.Popen, Connection, bytes]:
+    """Start the core process and return it with a connection to it and the key other front ends
+    attach with; the engine args travel over the authenticated socket, never on the command line."""
     authkey = os.urandom(32)
     listener = Listener(family="AF_UNIX", authkey=authkey)
     env = dict(os.environ, VLMSERVE_CORE_AUTHKEY=authkey.hex())
@@ -166,14 +172,14 @@ def start_core_process(engine_args: Any, timeout: float) -> tuple[subprocess.Pop
     finally:
         listener.close()
     send_msg(conn, engine_args)
-    return proc, conn
+    return proc, conn, authkey
 
 
 def _main() -> None:
     logging.basicConfig(level=os.environ.get("VLMSERVE_LOG_LEVEL", "INFO"))
     authkey = bytes.fromhex(os.environ.pop("VLMSERVE_CORE_AUTHKEY"))
     conn = Client(sys.argv[1], family="AF_UNIX", authkey=authkey)
-    run_engine_core(recv_msg(conn), conn)
+    run_engine_core(recv_msg(conn), conn, authkey)
 
 
 if __name__ == "__main__":
