@@ -4,6 +4,7 @@
 #   bash bench/serve_gpu.sh model      build W1's Qwen2-VL-2B-shaped folder in /tmp/w1 (random bf16)
 #   bash bench/serve_gpu.sh offline    offline W1: the first run after LLM() returns, then warm ones
 #   bash bench/serve_gpu.sh vlmserve   `vlmserve serve` on /tmp/w1; serve_bench over its routes
+#                                      (API_SERVERS=N: --api-server-count N, default 1)
 #   bash bench/serve_gpu.sh vllm       vLLM 0.24's OpenAI server on /tmp/w1 (installed from
 #                                      /tmp/vw, see ../shared/peers/vllm.md); the same client
 #
@@ -50,7 +51,7 @@ offline)
 vlmserve)
     ours_env
     python3 -m runtime.serve "$W1" --host 127.0.0.1 --port 8000 --grpc-port 8081 --served-model-name w1 \
-        --max-num-seqs 512 --max-model-len 4096 > "$OUT/vlmserve.log" 2>&1 &
+        --max-num-seqs 512 --max-model-len 4096 --api-server-count "${API_SERVERS:-1}" > "$OUT/vlmserve.log" 2>&1 &
     pid=$!
     t0=$(date +%s)
     wait_ready http://127.0.0.1:8000 /v2/health/ready 300 || { tail -n 40 "$OUT/vlmserve.log"; exit 1; }

@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout_keep_alive=ns.timeout_keep_alive, access_log_format=ns.access_log_format,
         ssl_certfile=ns.ssl_certfile, ssl_keyfile=ns.ssl_keyfile,
         kserve_args={k: getattr(ns, k) for k in vars(model_server.parser.parse_args([]))},
+        command=[sys.executable, "-m", "runtime", *(sys.argv[1:] if argv is None else argv)],
     )
     return launch(ns, ns.model_name, config)
 

@@ -207,6 +207,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     f.add_argument("--max-request-body-bytes", type=_positive_int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
                    help="largest HTTP request body, in bytes, also once a gzip/deflate v2 body is inflated "
                         "(default: 64 MiB); larger -> 413")
+    f.add_argument("--api-server-count", type=_positive_int, default=1, metavar="N",
+                   help="API server processes sharing the engine core and the ports (default: 1); more "
+                        "parse, decode images and stream tokens in parallel")
     f.add_argument("--request-body-timeout", type=_positive_float, default=DEFAULT_BODY_TIMEOUT_S, metavar="S",
                    help="seconds a client may take to send a request body (default: 30); slower -> 408")
     return parser
@@ -262,6 +265,7 @@ class FrontendArgs:
     task: str = "generate"
     max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     request_body_timeout: float = DEFAULT_BODY_TIMEOUT_S
+    api_server_count: int = 1
 
 
 def load_chat_template(value: str | None) -> str | None:
@@ -286,4 +290,5 @@ def frontend_args_from(ns: argparse.Namespace) -> FrontendArgs:
         task="embedding" if getattr(ns, "task", "generate") in ("embed", "embedding") else "generate",
         max_request_body_bytes=getattr(ns, "max_request_body_bytes", DEFAULT_MAX_BODY_BYTES),
         request_body_timeout=getattr(ns, "request_body_timeout", DEFAULT_BODY_TIMEOUT_S),
+        api_server_count=getattr(ns, "api_server_count", 1),
     )

@@ -48,7 +48,18 @@ def launch(ns: argparse.Namespace, model_name: str, config) -> int:
     config.api_key = frontend.api_key
     config.max_body_bytes = frontend.max_request_body_bytes
     config.body_timeout = frontend.request_body_timeout
-    return serve(build_model(model_name, engine_args, frontend), config)
+    model = build_model(model_name, engine_args, frontend)
+    from runtime.api_servers import attach_address
+
+    core = attach_address()
+    if core is not None:  # a copy started by the head (--api-server-count): share its engine core
+        from engine.async_llm import AsyncLLM
+
+        model._engine_factory = lambda args: AsyncLLM(args, attach=core)
+        config.reuse_port = True
+    else:
+        config.api_server_count = frontend.api_server_count
+    return serve(model, config)
 
 
 def run_serve(ns: argparse.Namespace) -> int:
@@ -65,8 +76,11 @@ def run_serve(ns: argparse.Namespace) -> int:
         ns.served_model_name = ns.served_model_name or ["vlmserve-demo"]
     names = ns.served_model_name or [ns.model]
     ns.served_model_name = names
+    argv = sys.argv[1:]
+    argv = argv[1:] if argv[:1] == ["serve"] else argv  # `vlmserve serve ...` or `python -m runtime.serve ...`
     config = ServerConfig(host=ns.host, http_port=ns.port, grpc_port=ns.grpc_port, enable_grpc=not ns.disable_grpc,
-                          grace_period=ns.graceful_shutdown_timeout)
+                          grace_period=ns.graceful_shutdown_timeout,
+                          command=[sys.executable, "-m", "runtime.serve", *argv])
     return launch(ns, names[0], config)
 
 

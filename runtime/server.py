@@ -91,6 +91,11 @@ class ServerConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # --max-request-body-bytes
     body_timeout: float = DEFAULT_BODY_TIMEOUT_S  # --request-body-timeout
     kserve_args: dict[str, Any] = field(default_factory=dict)  # KServe's parsed flags, if any
+    # --api-server-count: this process and N - 1 copies of it (``command``) share the engine core
+    # and the ports (runtime.api_servers); ``reuse_port`` binds HTTP so that they can.
+    api_server_count: int = 1
+    command: list[str] = field(default_factory=list)
+    reuse_port: bool = False
 
 
 class ReadinessDataPlane(DataPlane):
@@ -145,7 +150,20 @@ class NoRepositoryExtension(ModelRepositoryExtension):
 
 class VLMRESTServer(RESTServer):
     """KServe's REST server; "not ready" answers (503 while loading) are not logged as errors with
-    a traceback, since readiness probes ask for them every few seconds."""
+    a traceback, since readiness probes ask for them every few seconds. With ``reuse_port`` it
+    listens on a socket that other API server processes bind too."""
+
+    reuse_port = False
+
+    async def start(self) -> None:
+        if not self.reuse_port:
+            await super().start()
+            return
+        from runtime.api_servers import reuse_port_socket
+
+        self.create_application()
+        sock = reuse_port_socket(self.config.host, self.config.port)
+        await self._server.serve(sockets=[sock])
 
     def _add_exception_handlers(self, app: Any) -> None:
         super()._add_exception_handlers(app)
@@ -230,6 +248,11 @@ class VLMModelServer(kserve.ModelServer):
         self.model_repository_extension = NoRepositoryExtension(self.registered_models)
         self.exit_code = 0
         self._stopping = False
+        self.copies: Any = None  # runtime.api_servers.APIServerCopies with --api-server-count > 1
+        if config.api_server_count > 1:
+            from runtime.api_servers import APIServerCopies
+
+            self.copies = APIServerCopies(config.api_server_count, config.command)
         self.deadline = ShutdownDeadline()  # the end of the grace period after SIGTERM
 
     # -- set-up -------------------------------------------------------------------------------------
@@ -261,6 +284,7 @@ class VLMModelServer(kserve.ModelServer):
             ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile,
         )
         self._rest_server.config.host = self.config.host
+        self._rest_server.reuse_port = self.config.reuse_port or self.config.api_server_count > 1
         self._rest_server.config.http = JSONErrorHTTPProtocol  # JSON for what uvicorn refuses itself
         if self.enable_grpc:
             kwargs = dict(vars(model_server.args), **self.config.kserve_args)
@@ -304,6 +328,9 @@ class VLMModelServer(kserve.ModelServer):
             if grpc is not None:
                 await self._grpc_server.stop()
                 await asyncio.gather(grpc, return_exceptions=True)
+            if self.copies is not None:  # they drain their own requests; the engine outlives them
+                self.copies.terminate()
+                await loop.run_in_executor(None, self.copies.wait, self.grace_period + 10)
             # Engines stop last: uvicorn has already aborted (closed) whatever was still in flight.
             await loop.run_in_executor(None, self._stop_models)
             await asyncio.gather(*helpers, return_exceptions=True)
@@ -320,6 +347,8 @@ class VLMModelServer(kserve.ModelServer):
             model.ready = False
         server = self._rest_server._server  # uvicorn.Server: finish in-flight requests, then return
         server.should_exit = True
+        if self.copies is not None:
+            self.copies.terminate()  # they drain at the same time as this one
         # Past the grace period, every request still running answers with an error (503, or a
         # stream's last event) instead of being cut off by uvicorn.
         asyncio.get_running_loop().call_later(self.grace_period, self.deadline.expire)
@@ -337,7 +366,9 @@ class VLMModelServer(kserve.ModelServer):
 
         threading.Thread(target=work, name=f"vlmserve-load-{model.name}", daemon=True).start()
         try:
-            await asyncio.wrap_future(future)
+            ready = await asyncio.wrap_future(future)
+            if ready and self.copies is not None and not self._stopping:
+                self.copies.start(model.llm.core_address)  # the engine core is up: share it
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -355,6 +386,10 @@ class VLMModelServer(kserve.ModelServer):
                     logger.error("the engine of model %s died", model.name)
                     self._request_stop(f"engine of {model.name} died", exit_code=1)
                     return
+            if self.copies is not None and self.copies.died() and not self._stopping:
+                logger.error("an API server process ended (exit codes %s)", self.copies.died())
+                self._request_stop("an API server process ended", exit_code=1)
+                return
 
     def _stop_models(self) -> None:
         for model in self.models:
