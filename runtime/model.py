@@ -153,12 +153,13 @@ class VLMModel(kserve.Model):
 
     async def _warm_up(self) -> None:
         ids = self.llm.tokenizer("Hello", add_special_tokens=False).input_ids or [0]
+        rid = f"vlmserve-warmup-{os.getpid()}"  # API server processes sharing a core warm up at once
         if self.is_embedding:
-            async for _ in self.llm.encode({"prompt_token_ids": ids}, PoolingParams(), "vlmserve-warmup"):
+            async for _ in self.llm.encode({"prompt_token_ids": ids}, PoolingParams(), rid):
                 pass
             return
         params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
-        async for _ in self.llm.generate({"prompt_token_ids": ids}, params, "vlmserve-warmup", OutputKind.FINAL_ONLY):
+        async for _ in self.llm.generate({"prompt_token_ids": ids}, params, rid, OutputKind.FINAL_ONLY):
             pass
 
     async def healthy(self) -> bool:

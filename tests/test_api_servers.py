@@ -1,8 +1,8 @@
-"""``--api-server-count 2``: two API server processes share the engine core and the ports.
+"""``--api-server-count 3``: three API server processes share the engine core and the ports.
 
 The real server (``python -m runtime``) on the tiny Qwen2; each process answers ``/metrics`` with
-its own ``process_start_time_seconds``, which tells the two apart from outside. Requests spread
-over both must give the same greedy text as one process would (the engine is the same), each
+its own ``process_start_time_seconds``, which tells them apart from outside. Requests spread
+over all must give the same greedy text as one process would (the engine is the same), each
 process must have served some, gRPC must work on the shared port, and SIGTERM to the head must
 stop every process with exit code 0.
 """
@@ -20,6 +20,7 @@ import psutil
 import pytest
 from server_harness import ServerProcess, running, server_env
 
+COUNT = 3  # two copies warm up at the same moment: their warm-up request ids must differ
 PROMPTS = ["Hello there", "The quick brown fox", "a b c d", "Once upon a time"]
 START = re.compile(r"^process_start_time_seconds (\S+)$", re.MULTILINE)
 SUCCESS = re.compile(r'^vllm:request_success_total\{[^}]*finished_reason="length"[^}]*\} (\S+)$', re.MULTILINE)
@@ -27,7 +28,7 @@ SUCCESS = re.compile(r'^vllm:request_success_total\{[^}]*finished_reason="length
 
 class Server(ServerProcess):
     def __init__(self, model_dir, log_path) -> None:
-        args = ["--dtype", "float32", "--device", "cpu", "--max_model_len", "256", "--api-server-count", "2",
+        args = ["--dtype", "float32", "--device", "cpu", "--max_model_len", "256", "--api-server-count", str(COUNT),
                 "--graceful_shutdown_timeout", "10"]
         super().__init__(model_dir, log_path, "tiny", args, server_env())
 
@@ -53,14 +54,14 @@ def complete(url: str, prompt: str) -> str:
     return r.json()["choices"][0]["text"]
 
 
-def test_two_api_servers_share_the_engine_and_the_port(server):
+def test_api_servers_share_the_engine_and_the_port(server):
     seen: dict[str, float] = {}
     deadline = time.monotonic() + 90
-    while len(seen) < 2 and time.monotonic() < deadline:  # the copy starts once the engine is up
+    while len(seen) < COUNT and time.monotonic() < deadline:  # the copies start once the engine is up
         who, _ = scrape(server.url)
         seen[who] = 0.0
         time.sleep(0.2)
-    assert len(seen) == 2, f"only {len(seen)} process answered /metrics:\n{server.tail()}"
+    assert len(seen) == COUNT, f"only {len(seen)} process answered /metrics:\n{server.tail()}"
     # Both must be ready to serve before the load: readiness is per process.
     deadline = time.monotonic() + 90
     ready = 0
@@ -73,10 +74,10 @@ def test_two_api_servers_share_the_engine_and_the_port(server):
     assert all(text == reference[prompt] for prompt, text in texts)
 
     per_process: dict[str, float] = defaultdict(float)
-    for _ in range(40):
+    for _ in range(60):
         who, done = scrape(server.url)
         per_process[who] = done
-    assert len(per_process) == 2 and all(done > 0 for done in per_process.values()), dict(per_process)
+    assert len(per_process) == COUNT and all(done > 0 for done in per_process.values()), dict(per_process)
 
     # gRPC on the shared port, through whichever process answers
     import grpc
@@ -96,11 +97,11 @@ def test_sigterm_to_the_head_stops_every_process(tiny_qwen2, tmp_path_factory):
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             copies = [c for c in head.children() if "engine.core_process" not in " ".join(c.cmdline())]
-            if copies and len({scrape(srv.url)[0] for _ in range(10)}) == 2:
+            if len(copies) == COUNT - 1 and len({scrape(srv.url)[0] for _ in range(20)}) == COUNT:
                 break
             time.sleep(0.5)
         everyone = [head, *head.children(recursive=True)]
-        assert len(everyone) >= 3, [p.cmdline() for p in everyone]  # head, its copy, the engine core
+        assert len(everyone) >= COUNT + 1, [p.cmdline() for p in everyone]  # the processes and the engine core
         srv.proc.send_signal(signal.SIGTERM)
         assert srv.proc.wait(60) == 0, srv.tail()
         gone, alive = psutil.wait_procs(everyone, timeout=30)
