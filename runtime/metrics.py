@@ -26,11 +26,12 @@ once per request when its first token arrives; aborted requests count in
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry
 
@@ -219,6 +220,10 @@ def register_engine_metrics(models: Callable[[], Iterable[tuple[str, Any]]],
     collector = EngineStatsCollector(models)
     registry.register(collector)
     metrics = request_metrics(registry)
+    # Which API server process answered this scrape: with --api-server-count N each process
+    # serves its own request counters (runtime/api_servers.py).
+    Gauge("vlmserve:api_server_info", "The API server process that answered (1)", ["pid"],
+          registry=registry).labels(pid=str(os.getpid())).set(1)
 
     def factory(llm: Any) -> StatLogger:
         return PrometheusStatLogger(metrics, _model_name_of(llm, models))

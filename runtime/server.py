@@ -313,9 +313,17 @@ class VLMModelServer(kserve.ModelServer):
             pass
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._request_stop, f"signal {signal.Signals(sig).name}")
+        helpers = [asyncio.create_task(self._load(m), name=f"load-{m.name}") for m in self.models]
+        if self.config.reuse_port and not self.copies:
+            # A copy sharing the head's ports (--api-server-count) binds them only once its model is
+            # ready: the kernel hands it connections as soon as it listens, and the head already
+            # reports the pod ready.
+            await asyncio.gather(*helpers)
+            if self._stopping:
+                await loop.run_in_executor(None, self._stop_models)
+                return
         rest = asyncio.create_task(self._rest_server.start(), name="rest")
         grpc = asyncio.create_task(self._grpc_server.start(self.max_threads), name="grpc") if self.enable_grpc else None
-        helpers = [asyncio.create_task(self._load(m), name=f"load-{m.name}") for m in self.models]
         helpers.append(asyncio.create_task(self._watch_engines(), name="engine-watch"))
         try:
             await rest  # returns once uvicorn has drained (or failed to start)

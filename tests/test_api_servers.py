@@ -1,7 +1,7 @@
 """``--api-server-count 3``: three API server processes share the engine core and the ports.
 
 The real server (``python -m runtime``) on the tiny Qwen2; each process answers ``/metrics`` with
-its own ``process_start_time_seconds``, which tells them apart from outside. Requests spread
+its own ``vlmserve:api_server_info{pid}``, which tells them apart from outside. Requests spread
 over all must give the same greedy text as one process would (the engine is the same), each
 process must have served some, gRPC must work on the shared port, and SIGTERM to the head must
 stop every process with exit code 0.
@@ -22,7 +22,7 @@ from server_harness import ServerProcess, running, server_env
 
 COUNT = 3  # two copies warm up at the same moment: their warm-up request ids must differ
 PROMPTS = ["Hello there", "The quick brown fox", "a b c d", "Once upon a time"]
-START = re.compile(r"^process_start_time_seconds (\S+)$", re.MULTILINE)
+PROCESS = re.compile(r'^vlmserve:api_server_info\{pid="(\d+)"\} 1\.0$', re.MULTILINE)
 SUCCESS = re.compile(r'^vllm:request_success_total\{[^}]*finished_reason="length"[^}]*\} (\S+)$', re.MULTILINE)
 
 
@@ -43,7 +43,7 @@ def scrape(url: str) -> tuple[str, float]:
     """(which process answered, its count of finished requests) from one fresh connection."""
     text = httpx.get(f"{url}/metrics", timeout=10, headers={"Connection": "close"}).text
     success = SUCCESS.search(text)
-    return START.search(text).group(1), float(success.group(1)) if success else 0.0
+    return PROCESS.search(text).group(1), float(success.group(1)) if success else 0.0
 
 
 def complete(url: str, prompt: str) -> str:
