@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,44 +92,28 @@ def parse_limit_mm_per_prompt(value: str) -> dict[str, int]:
     return limits
 
 
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from exc
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {n}")
-    return n
+def _bounded(cast: Callable[[str], Any], ok: Callable[[Any], bool],
+             problem: Callable[[Any, str], str]) -> Callable[[str], Any]:
+    """An argparse type: ``cast(value)``, refused with ``problem(parsed, value)`` unless ``ok``."""
+    kind = "an integer" if cast is int else "a number"
+
+    def parse(value: str) -> Any:
+        try:
+            x = cast(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {value!r}") from exc
+        if not ok(x):
+            raise argparse.ArgumentTypeError(problem(x, value))
+        return x
+
+    return parse
 
 
-def _positive_float(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from exc
-    if not 0.0 < x < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {value!r}")
-    return x
-
-
-def non_negative_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from exc
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {n}")
-    return n
-
-
-def _fraction(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from exc
-    if not 0.0 < x <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {x}")
-    return x
+_positive_int = _bounded(int, lambda n: n > 0, lambda n, _: f"must be positive, got {n}")
+_positive_float = _bounded(float, lambda x: 0.0 < x < float("inf"),
+                           lambda _, v: f"must be a positive number, got {v!r}")
+non_negative_int = _bounded(int, lambda n: n >= 0, lambda n, _: f"must not be negative, got {n}")
+_fraction = _bounded(float, lambda x: 0.0 < x <= 1.0, lambda x, _: f"must be in (0, 1], got {x}")
 
 
 def _domain_list(value: str) -> list[str]:
