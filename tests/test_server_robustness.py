@@ -335,6 +335,19 @@ def test_graceful_shutdown_timeout_takes_both_spellings():
 
 
 # -- SIGTERM past the grace period --------------------------------------------------------------------
+def in_engine(server, count: int, timeout: float = 60) -> None:
+    """Wait until ``count`` requests are running or waiting in the engine (read from /metrics)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = httpx.get(server.url + "/metrics", timeout=10).text
+        found = sum(float(m) for m in re.findall(
+            r"^vllm:num_requests_(?:running|waiting)\{[^}]*\} (\S+)$", text, re.MULTILINE))
+        if found >= count:
+            return
+        assert time.monotonic() < deadline, f"{found} of {count} requests reached the engine"
+        time.sleep(0.05)
+
+
 def test_sigterm_past_grace_answers_every_request(stopping):
     long = {"max_tokens": LONG_TOKENS, "ignore_eos": True}
     results: dict[str, object] = {}
@@ -379,7 +392,7 @@ def test_sigterm_past_grace_answers_every_request(stopping):
         for t in threads:
             t.start()
         assert stream.get(timeout=60)[1] is None  # the gRPC stream is generating
-        time.sleep(0.5)  # every request is in the engine
+        in_engine(stopping, len(threads) + 1)  # a fixed sleep let a slow CI machine signal too early
         stopping.proc.send_signal(signal.SIGTERM)
         t0 = time.monotonic()
         for t in threads:
