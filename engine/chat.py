@@ -13,6 +13,7 @@ each item's place instead, as vLLM does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,11 +31,12 @@ class ParsedChat:
 def parse_chat(
     messages: list[dict[str, Any]],
     loader: MediaLoader,
-    placeholder: str | None,
+    placeholder: str | Callable[[int], str] | None,
     video_placeholder: str | None = None,
 ) -> ParsedChat:
     """``placeholder`` / ``video_placeholder``: the model's text for one image / video, or None
-    when it takes no images / videos (such parts then raise ValueError)."""
+    when it takes no images / videos (such parts then raise ValueError). ``placeholder`` may be a
+    function of the image's 1-based number (numbered tags such as ``<|image_N|>``)."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages: must be a non-empty list")
     out, flat, images, videos = [], [], [], []
@@ -62,7 +64,7 @@ def parse_chat(
                 parts.append({"type": "image"})
                 if placeholder is None:
                     raise ValueError(f"{where}: this model takes text only")
-                texts.append(placeholder)
+                texts.append(placeholder(len(images)) if callable(placeholder) else placeholder)
             elif kind == "video_url":
                 raise ValueError(
                     f"{where}: video URLs are not supported yet; pass the decoded frames offline as "

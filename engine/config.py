@@ -178,15 +178,14 @@ class EngineArgs:
             raise ValueError(f"cpu_kv_cache_space: must be positive GiB, got {self.cpu_kv_cache_space}")
 
     def create_engine_config(self) -> EngineConfig:
-        from transformers import AutoConfig
-
+        from engine.hf_configs import load_hf_config
         from engine.loader import resolve_model_dir
 
         self.validate()
         platform = get_platform(self.device)
         model_dir = resolve_model_dir(self.model, self.revision)
         tokenizer_dir = resolve_model_dir(self.tokenizer, self.revision) if self.tokenizer else model_dir
-        hf_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=self.trust_remote_code)
+        hf_config = load_hf_config(model_dir, self.trust_remote_code)
         archs = getattr(hf_config, "architectures", None) or []
         if not archs:
             raise ValueError(f"model: {model_dir}/config.json names no 'architectures'")

@@ -61,7 +61,9 @@ def load_model(model_config, platform, attn_backend) -> torch.nn.Module:
     with torch.device(platform.torch_device):
         torch.set_default_dtype(model_config.dtype)
         try:
-            model = cls(model_config.hf_config, attn_backend)
+            # Some models size tables or choose settings by the engine's context length (Phi-3's LongRoPE).
+            extra = {"max_model_len": model_config.max_model_len} if getattr(cls, "takes_max_model_len", False) else {}
+            model = cls(model_config.hf_config, attn_backend, **extra)
         finally:
             torch.set_default_dtype(torch.float32)
     model = model.to(platform.torch_device)  # buffers built on the host (rotary tables)

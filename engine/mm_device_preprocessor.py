@@ -24,6 +24,7 @@ from engine.device import to_device_async
 _DEVICE_PREPROCESSORS: dict[str, tuple[str, str]] = {
     "Qwen2VLForConditionalGeneration": ("engine.mm_processors.qwen2_vl_pixels", "Qwen2VLDevicePreprocessor"),
     "Qwen2_5_VLForConditionalGeneration": ("engine.mm_processors.qwen2_vl_pixels", "Qwen2VLDevicePreprocessor"),
+    "Phi3VForCausalLM": ("engine.mm_processors.phi3v_pixels", "Phi3VDevicePreprocessor"),
 }
 
 

@@ -22,6 +22,7 @@ _PROCESSORS: dict[str, tuple[str, str]] = {
     "Qwen2VLForConditionalGeneration": ("engine.mm_processors.qwen2_vl", "Qwen2VLProcessor"),
     "Qwen2_5_VLForConditionalGeneration": ("engine.mm_processors.qwen2_vl", "Qwen2VLProcessor"),
     "LlavaForConditionalGeneration": ("engine.mm_processors.llava", "LlavaProcessor"),
+    "Phi3VForCausalLM": ("engine.mm_processors.phi3v", "Phi3VProcessor"),
 }
 
 MODALITIES = ("image", "video")
@@ -88,6 +89,16 @@ class MultiModalProcessor(ABC):
                 )
             items[modality] = value
         return items
+
+    def image_placeholder(self, number: int) -> str:
+        """The text standing for the ``number``-th (1-based) image of a chat prompt whose template
+        writes none; numbered for models such as Phi-3-vision (``<|image_N|>``)."""
+        return self.image_placeholder_text
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a text prompt; models whose HF processor tokenises around its image tags
+        (Phi-3-vision) override this."""
+        return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
 
     def split_items(self, modality: str, items: list[Any]) -> list[Any]:
         """Items that stand for several (e.g. one embeddings dict covering n images) -> one per item."""

@@ -23,8 +23,10 @@ PromptType = str | dict[str, Any]
 def load_tokenizer(config: EngineConfig):
     from transformers import AutoTokenizer
 
+    # The engine's config is handed over so that the tokenizer does not load the model's config
+    # again (for model types built natively, e.g. phi3_v, that would run remote configuration code).
     return AutoTokenizer.from_pretrained(
-        config.model.tokenizer_dir, trust_remote_code=config.model.trust_remote_code
+        config.model.tokenizer_dir, trust_remote_code=config.model.trust_remote_code, config=config.model.hf_config
     )
 
 
@@ -41,10 +43,16 @@ class InputProcessor:
         self.extra_eos_ids = tuple(t for t in config_eos if t != self.eos_token_id)
         self.mm_processor = get_mm_processor(config, tokenizer)
 
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a text prompt (through the multimodal processor: it knows its image tags)."""
+        if self.mm_processor is not None:
+            return self.mm_processor.tokenize(text, add_special_tokens)
+        return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """(prompt text or None, token ids) of a str, {"prompt": ...} or {"prompt_token_ids": ...}."""
         if isinstance(prompt, str):
-            return prompt, self.tokenizer(prompt).input_ids
+            return prompt, self.encode(prompt)
         if not isinstance(prompt, dict):
             raise ValueError(f"prompt: expected a str or a dict, got {type(prompt).__name__}")
         if "prompt_token_ids" in prompt:
@@ -58,7 +66,7 @@ class InputProcessor:
         if "prompt" in prompt:
             if not isinstance(prompt["prompt"], str):
                 raise ValueError("prompt: must be a string")
-            return prompt["prompt"], self.tokenizer(prompt["prompt"]).input_ids
+            return prompt["prompt"], self.encode(prompt["prompt"])
         raise ValueError("prompt: a dict prompt needs 'prompt' or 'prompt_token_ids'")
 
     def apply_chat_template(
@@ -83,16 +91,21 @@ class InputProcessor:
         from engine.chat import parse_chat
 
         mm = self.mm_processor
-        parsed = parse_chat(messages, loader, mm.image_placeholder_text if mm else None,
+        parsed = parse_chat(messages, loader, mm.image_placeholder if mm else None,
                             (mm.video_placeholder_text or None) if mm else None)
-        text = self.apply_chat_template(parsed.messages, chat_template, add_generation_prompt)
-        if (parsed.images and text.count(mm.image_placeholder_token) < len(parsed.images)) or (
+        try:
+            text: str | None = self.apply_chat_template(parsed.messages, chat_template, add_generation_prompt)
+        except Exception:
+            if not (parsed.images or parsed.videos):
+                raise
+            text = None  # a template for string content only (e.g. Phi-3.5-vision's) fails on parts
+        if text is None or (parsed.images and text.count(mm.image_placeholder_token) < len(parsed.images)) or (
             parsed.videos and text.count(mm.video_placeholder_token) < len(parsed.videos)
         ):
             # The template ignores media parts: inline the placeholders where the items were.
             text = self.apply_chat_template(parsed.string_messages, chat_template, add_generation_prompt)
         # The template already wrote any BOS; do not let the tokenizer add another.
-        prompt: dict[str, Any] = {"prompt": text, "prompt_token_ids": self.tokenizer(text, add_special_tokens=False).input_ids}
+        prompt: dict[str, Any] = {"prompt": text, "prompt_token_ids": self.encode(text, add_special_tokens=False)}
         mm_data: dict[str, Any] = {}
         if parsed.images:
             mm_data["image"] = parsed.images

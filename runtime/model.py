@@ -275,7 +275,7 @@ class VLMModel(kserve.Model):
     async def encode_text(self, text: str, add_special_tokens: bool = True) -> EnginePrompt:
         """Tokenise a completion prompt (with the tokenizer's special tokens, e.g. BOS, by default)."""
         return await self._in_pool(lambda: EnginePrompt(
-            text, self.llm.tokenizer(text, add_special_tokens=add_special_tokens).input_ids))
+            text, self.llm.processor.encode(text, add_special_tokens=add_special_tokens)))
 
     def encode_token_ids(self, token_ids: list[int]) -> EnginePrompt:
         vocab = self.llm.processor.vocab_size
@@ -300,11 +300,11 @@ class VLMModel(kserve.Model):
             have = text.count(mm.image_placeholder_token)
             prompt = text
             if have == 0:
-                prompt = mm.image_placeholder_text * len(loaded) + text
+                prompt = "".join(mm.image_placeholder(i + 1) for i in range(len(loaded))) + text
             elif have != len(loaded):
                 raise PromptError(f"image: text_input has {have} image placeholders for {len(loaded)} images",
                                   param="image")
-            return EnginePrompt(prompt, self.llm.tokenizer(prompt).input_ids, {"image": loaded})
+            return EnginePrompt(prompt, self.llm.processor.encode(prompt), {"image": loaded})
 
         return await self._in_pool(work)
 

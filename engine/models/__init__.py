@@ -10,6 +10,8 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Qwen2VLForConditionalGeneration": ("engine.models.qwen2_vl", "Qwen2VLForConditionalGeneration"),
     "Qwen2_5_VLForConditionalGeneration": ("engine.models.qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
     "LlavaForConditionalGeneration": ("engine.models.llava", "LlavaForConditionalGeneration"),
+    "Phi3ForCausalLM": ("engine.models.phi3", "Phi3ForCausalLM"),
+    "Phi3VForCausalLM": ("engine.models.phi3v", "Phi3VForCausalLM"),
 }
 
 
