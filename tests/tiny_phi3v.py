@@ -15,6 +15,7 @@ Public API:
   that checkpoint, with the image glue (HD resize, crops, penultimate-layer patch features, 2x2
   merge, separators, projection) written here independently of the engine:
   ``prompt_ids(text, images)``, ``image_embeds(image)``, ``greedy(text, images, max_new)``,
+  ``logprobs(text, images, continuation)``,
   ``embedding(text, images)`` (VLM2Vec: last token's final hidden state, L2-normalised).
 * ``published_token_count(width, height, num_crops)`` -> the published processor's
   ``calc_num_image_tokens_from_image_size`` formula, transcribed.
@@ -72,6 +73,9 @@ def build_tiny_phi3v(out_dir: Path, scale: float = 0.02, seed: int = 0, *, num_c
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer_with_special_tokens(out_dir, "llama", CHAT_TOKENS, PHI3V_CHAT_TEMPLATE)
+    # Phi-3's tokenizer ends text with <|endoftext|> (not Llama's </s>), one of generation_config's eos ids.
+    tok_cfg = json.loads((out_dir / "tokenizer_config.json").read_text())
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(dict(tok_cfg, eos_token="<|endoftext|>"), indent=2))
     text = _text_fields(len(tok), tok, scale, max_position_embeddings, original_max_position_embeddings)
     config = dict(
         text, model_type="phi3_v", architectures=["Phi3VForCausalLM"], torch_dtype="float32",
@@ -99,8 +103,9 @@ def build_tiny_phi3v(out_dir: Path, scale: float = 0.02, seed: int = 0, *, num_c
         "img_projection.2.bias": torch.randn(hidden, generator=g) * scale,
     }
     tensors = {k: v.contiguous() for k, v in lm.state_dict().items()}
-    tensors.update({f"model.vision_embed_tokens.img_processor.{k}": v.contiguous()
-                    for k, v in tower.state_dict().items()})
+    # The published names keep transformers 4's vision_model level (5.x's CLIPVisionModel has none).
+    tensors.update({f"model.vision_embed_tokens.img_processor.vision_model.{k.removeprefix('vision_model.')}":
+                    v.contiguous() for k, v in tower.state_dict().items()})
     tensors.update({f"model.vision_embed_tokens.{k}": v.contiguous() for k, v in vision.items()})
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
 
@@ -174,8 +179,8 @@ class Oracle:
         self.lm.load_state_dict({k: v for k, v in weights.items() if not k.startswith(vis)})
         img = raw["img_processor"]
         self.tower = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**img["vision_config"])).float().eval()
-        self.tower.load_state_dict({k[len(vis + "img_processor."):]: v for k, v in weights.items()
-                                    if k.startswith(vis + "img_processor.")})
+        tower = vis + "img_processor.vision_model."
+        self.tower.load_state_dict({k[len(tower):]: v for k, v in weights.items() if k.startswith(tower)})
         self.layer_idx = img.get("layer_idx", -2)
         self.glue = {k[len(vis):]: v for k, v in weights.items()
                      if k.startswith(vis) and not k.startswith(vis + "img_processor.")}
@@ -275,6 +280,14 @@ class Oracle:
                                do_sample=False, max_new_tokens=max_new, eos_token_id=self.eos,
                                pad_token_id=self.eos[-1], temperature=None, top_p=None, top_k=None)
         return out[0, -max_new:].tolist() if out.shape[1] > max_new else out[0].tolist()
+
+    @torch.no_grad()
+    def logprobs(self, text: str, images: list, continuation: list[int]) -> torch.Tensor:
+        """log-softmax [len(continuation), vocab] of the distributions that chose each continuation token."""
+        ids = self.prompt_ids(text, images)
+        emb = torch.cat([self.inputs_embeds(ids, images), self.lm.model.embed_tokens(torch.tensor([continuation]))], 1)
+        logits = self.lm(inputs_embeds=emb).logits[0, len(ids) - 1 : len(ids) - 1 + len(continuation)]
+        return torch.log_softmax(logits.float(), dim=-1)
 
     @torch.no_grad()
     def embedding(self, text: str, images: list) -> torch.Tensor:
