@@ -239,3 +239,25 @@ def test_longrope_long_factors(tmp_path):
     assert len(oracle.prompt_ids(text, [IMG_A])) > 256
     out = llm.generate({"prompt": text, **mm([IMG_A])}, GREEDY)[0]
     assert out.outputs[0].token_ids == oracle.greedy(text, [IMG_A], MAX_NEW)
+
+
+def test_phi3_text_checkpoint_matches_hf(tmp_path):
+    """``Phi3ForCausalLM`` on its own (transformers' model type, saved by save_pretrained; plain rope)."""
+    import transformers
+
+    from tiny_models import hf_greedy, train_tokenizer
+
+    tok = train_tokenizer(tmp_path, "llama")
+    config = transformers.Phi3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                     initializer_range=0.2, bos_token_id=tok.bos_token_id,
+                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    transformers.Phi3ForCausalLM(config).save_pretrained(tmp_path)
+    gen = transformers.GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    gen.save_pretrained(tmp_path)
+    llm = LLM(model=str(tmp_path), dtype="float32", device="cpu", max_model_len=512)
+    texts = ["The capital of France is", "A much longer sentence about the sea and the sky."]
+    prompts = [tok(t).input_ids for t in texts]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(tmp_path, prompts, MAX_NEW)

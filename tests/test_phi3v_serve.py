@@ -75,8 +75,9 @@ def oracle(model_dir):
 def servers(model_dir, tmp_path_factory):
     """Both guide servers, started together (their start-ups overlap)."""
     logs = tmp_path_factory.mktemp("phi3v_serve_logs")
-    generate = ["--task", "generate", "--trust-remote-code", "--max-model-len", "4096", "--limit-mm-per-prompt", "image=2"]
-    embedding = ["--task", "embedding", "--trust-remote-code", "--max-model-len", "4096", "--chat-template", str(TEMPLATE)]
+    common = ["--trust-remote-code", "--max-model-len", "4096"]
+    generate = ["--task", "generate", *common, "--limit-mm-per-prompt", "image=2"]
+    embedding = ["--task", "embedding", *common, "--chat-template", str(TEMPLATE)]
     gen = VlmserveServe(model_dir, logs / "generate.log", generate)
     try:
         emb = VlmserveServe(model_dir, logs / "embedding.log", embedding)

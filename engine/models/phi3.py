@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.models.layers import RotaryEmbedding, _sign_sin
+from engine.models.layers import RotaryEmbedding
 from engine.models.llama import LlamaForCausalLM, LlamaModel
 from kernels import AttentionBackend
 
@@ -74,11 +74,6 @@ class Phi3RotaryEmbedding(RotaryEmbedding):
         self.register_buffer("cos", emb.cos() * scale, persistent=False)
         self.register_buffer("sin", emb.sin() * scale, persistent=False)
         self.rot_dim = rot_dim
-
-    def table(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].to(dtype)[:, None, :]
-        sin = self.sin[positions].to(dtype)[:, None, :]
-        return cos, _sign_sin(sin)
 
 
 def _layer_config(config: Any) -> Any:
