@@ -40,6 +40,8 @@ class InputProcessor:
             self.eos_token_id = config_eos[0]
         self.extra_eos_ids = tuple(t for t in config_eos if t != self.eos_token_id)
         self.mm_processor = get_mm_processor(config, tokenizer)
+        if self.mm_processor is not None:
+            self.mm_processor.load()  # not on the first request: it waited seconds behind this
 
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """(prompt text or None, token ids) of a str, {"prompt": ...} or {"prompt_token_ids": ...}."""
