@@ -473,6 +473,47 @@ class ServerProcess:
         self.log.close()
 
 
+def tree_cpu(root: int) -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) so far of process ``root`` and all its descendants, by pid, with
+    each one's name (``comm``: vlmserve names its processes vlmserve-api and vlmserve-core; the
+    engine core runs in a session of its own, so the tree, not the session, finds it)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    procs: dict[int, tuple[int, str, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()  # from the 3rd field (state) on
+        procs[int(entry.name)] = (int(fields[1]), name, (int(fields[11]) + int(fields[12])) / tick)
+    found: dict[int, tuple[str, float]] = {}
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        if pid in procs and pid not in found:
+            found[pid] = procs[pid][1:]
+            todo += [child for child, (ppid, _, _) in procs.items() if ppid == pid]
+    return found
+
+
+def server_cpu(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], wall_s: float,
+               requests: int, out_tokens: int) -> dict[str, dict[str, float]]:
+    """Per process name: the cores it kept busy over the timed part, and its CPU milliseconds per
+    request and per output token — what decides how many requests one front-end process can carry."""
+    by_name: dict[str, list[float]] = {}
+    for pid, (name, cpu) in after.items():
+        used = cpu - before.get(pid, (name, 0.0))[1]
+        by_name.setdefault(name, []).append(used)
+    return {name: {"procs": len(used), "cores": round(sum(used) / max(wall_s, 1e-9), 3),
+                   "cores_max_proc": round(max(used) / max(wall_s, 1e-9), 3),
+                   "ms_per_request": round(1e3 * sum(used) / max(requests, 1), 3),
+                   "us_per_out_token": round(1e6 * sum(used) / max(out_tokens, 1), 2)}
+            for name, used in sorted(by_name.items())}
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -696,8 +737,10 @@ def main(argv: list[str] | None = None) -> int:
                 base = args.seed * 10_000_000 + run_no * 100_000  # distinct images in every run
                 seeds, warm = [base + i for i in range(n)], [base + 90_000 + i for i in range(args.warmup)]
                 log(f"{args.server} {route} concurrency {conc}: {n} requests, {procs} client process(es)")
+                cpu0 = tree_cpu(server.proc.pid) if server else {}
                 result = run_load_procs(url, w, seeds, warm, conc, procs, grpc_target=grpc_target or "",
                                         timeout=args.request_timeout)
+                cpu1 = tree_cpu(server.proc.pid) if server else {}
                 for f in image_dir.iterdir():
                     f.unlink()
                 run = {"server": args.server, "route": route, "concurrency": conc,
@@ -706,6 +749,9 @@ def main(argv: list[str] | None = None) -> int:
                        "image_format": args.image_format, "image_source": source, "warmup": args.warmup,
                        "server_args": args.server_args, "commit": git_commit(),
                        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+                if server:  # the warm-up requests are inside this window too: counted as requests
+                    run["server_cpu"] = server_cpu(cpu0, cpu1, max(result.wall_s), run["requests"] + len(warm),
+                                                   run["out_tokens"] + len(warm) * args.output_len)
                 runs.append(run)
                 log(f"  {run['out_tok_per_s']:.1f} out tok/s, {run['errors']} errors, "
                     f"TTFT p50 {run['ttft_ms']['p50']} ms, client cpu {run['client_cpu']}")

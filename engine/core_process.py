@@ -52,10 +52,26 @@ def recv_msg(conn: Connection) -> Any:
     return pickle.loads(conn.recv_bytes())
 
 
+def name_process(name: str) -> None:
+    """Name this process by its role in ``ps``, ``top`` and py-spy (Linux's 15-character ``comm``),
+    so that a profile or a CPU reading tells the engine core from an API server."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass  # a name is a convenience, never a reason to fail
+
+
 def run_engine_core(engine_args: Any, conn: Connection, authkey: bytes | None = None) -> None:
     """Entry point of the core process: build the engine, then step while there is work. With
     ``authkey``, other front ends may attach (the ready message names the address)."""
     from engine.engine_core import EngineCore
+
+    name_process("vlmserve-core")
 
     try:
         core = EngineCore(engine_args.create_engine_config())

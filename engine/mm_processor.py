@@ -67,6 +67,11 @@ class MultiModalProcessor(ABC):
         self.tokenizer = tokenizer
         self.limits: dict[str, int] = dict(config.model.limit_mm_per_prompt)
 
+    def load(self) -> None:
+        """Load now what the first image request would otherwise load: the model folder's image
+        processor config and the transformers modules it imports (torch._dynamo among them:
+        seconds on a busy CPU). Called once at start-up, before the server reports ready."""
+
     def normalize(self, mm_data: Any) -> dict[str, list[Any]]:
         """{"image": item | [items], "video": ...} -> modality -> list, checking forms and limits."""
         if not isinstance(mm_data, dict):

@@ -42,6 +42,8 @@ class InputProcessor:
             self.eos_token_id = config_eos[0]
         self.extra_eos_ids = tuple(t for t in config_eos if t != self.eos_token_id)
         self.mm_processor = get_mm_processor(config, tokenizer)
+        if self.mm_processor is not None:
+            self.mm_processor.load()  # not on the first request: it waited seconds behind this
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of a text prompt (through the multimodal processor: it knows its image tags)."""

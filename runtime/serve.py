@@ -48,6 +48,9 @@ def launch(ns: argparse.Namespace, model_name: str, config) -> int:
     config.api_key = frontend.api_key
     config.max_body_bytes = frontend.max_request_body_bytes
     config.body_timeout = frontend.request_body_timeout
+    from engine.core_process import name_process
+
+    name_process("vlmserve-api")
     model = build_model(model_name, engine_args, frontend)
     from runtime.api_servers import attach_address
 

@@ -31,9 +31,12 @@ class LlavaProcessor(MultiModalProcessor):
         self.lm_hidden = int(hf.text_config.hidden_size)
         self._image_processor = None
 
+    def load(self) -> None:
+        self.image_processor  # noqa: B018 (loads it)
+
     @property
     def image_processor(self) -> Any:
-        if self._image_processor is None:  # loaded on first use: text-only traffic never pays for it
+        if self._image_processor is None:
             from transformers import AutoImageProcessor
 
             self._image_processor = AutoImageProcessor.from_pretrained(self.config.model.model_dir)

@@ -87,9 +87,12 @@ class Qwen2VLProcessor(MultiModalProcessor):
         self._resize_spec: QwenResizeSpec | None = None
         self._video_processor: QwenVideoPreprocessor | None = None
 
+    def load(self) -> None:
+        self.resize_spec  # noqa: B018 (loads the image processor and its settings)
+
     @property
     def image_processor(self) -> Any:
-        if self._image_processor is None:  # loaded on first use: text-only traffic never pays for it
+        if self._image_processor is None:
             from transformers import AutoImageProcessor
 
             self._image_processor = AutoImageProcessor.from_pretrained(self.config.model.model_dir)
