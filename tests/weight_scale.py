@@ -11,7 +11,10 @@ flip a greedy token there. So the HF-equality tests also run each architecture a
   Embedding weights ~ N(0, std), biases 0, norm scales 1) in both the text and the vision config,
   and records that ``initializer_range`` in config.json;
 * ``build_at_scale(build, out_dir, scale, **kw)`` — ``build(out_dir, **kw)``, then rescaled for
-  "large".
+  "large";
+* the ``scale`` fixture (tests/conftest.py) parametrizes a module's checkpoint over ``SCALES``;
+  ``tiny_only`` marks a test there that checks no fidelity (errors, caches, lifecycle): it runs
+  at the tiny scale alone, which keeps CI time in check.
 
 Imported as a plain module (``tests/conftest.py`` puts this directory on ``sys.path``).
 """
@@ -22,12 +25,15 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 SCALES = ("tiny", "large")
 LARGE_STD = 0.2  # the issue's repro: initializer_range 0.2 in the text and the vision config
+
+tiny_only = pytest.mark.parametrize("scale", ["tiny"], indirect=True)
 
 
 def _is_norm_scale(name: str, tensor: torch.Tensor) -> bool:
