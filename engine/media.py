@@ -54,6 +54,20 @@ DEFAULT_MAX_PIXELS = 6144 * 6144
 DEFAULT_MAX_TOTAL_PIXELS = 8192 * 8192
 MAX_REDIRECTS = 10  # as urllib's
 ALLOW_PRIVATE_ENV = "VLMSERVE_ALLOW_PRIVATE_MEDIA_URLS"
+
+
+def _user_agent() -> str:
+    # Some image hosts (the guide's among them) answer 403 to a library's default agent.
+    try:
+        from importlib.metadata import version
+
+        ours = version("vlmserve")
+    except Exception:  # noqa: BLE001 - running from a source tree that is not installed
+        ours = "0"
+    return f"vlmserve/{ours} (image fetch)"
+
+
+USER_AGENT = _user_agent()
 T = TypeVar("T")
 logger = logging.getLogger("vlmserve.media")
 
@@ -255,7 +269,7 @@ class MediaLoader:
         # No kept-alive connections: requests go to checked addresses (``_hop_requests``), and a
         # pool keyed by address could hand one host's TLS connection to another name.
         return httpx.AsyncClient(follow_redirects=False, timeout=self.timeout, verify=_ssl_context(),
-                                 headers={"Accept-Encoding": "identity"},
+                                 headers={"Accept-Encoding": "identity", "User-Agent": USER_AGENT},
                                  limits=httpx.Limits(max_keepalive_connections=0))
 
     def with_prefetched(self, fetched: Mapping[str, bytes]) -> MediaLoader:

@@ -63,3 +63,34 @@ def tiny_qwen2_sharded(tmp_path_factory) -> Path:
         seed=2,
         max_shard_size="100KB",
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight scales (tests/weight_scale.py): HF-equality tests run at the tiny init and a large one
+# ---------------------------------------------------------------------------------------------
+
+import weight_scale  # noqa: E402
+
+@pytest.fixture(scope="module", params=weight_scale.SCALES)
+def scale(request) -> str:
+    """The weight scale of a module's checkpoint: "tiny" (the builders' init) or "large"."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_large(tmp_path_factory) -> Path:
+    """tiny_llama's architecture with HF's init at weight_scale.LARGE_STD."""
+    out = tmp_path_factory.mktemp("tiny_llama_large")
+    return weight_scale.build_at_scale(
+        tiny_models.build_tiny_model, out, "large", arch="llama", num_attention_heads=4, num_key_value_heads=4
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_large(tmp_path_factory) -> Path:
+    """tiny_qwen2's architecture (GQA, q/k/v biases, tied embeddings) with HF's init at LARGE_STD."""
+    out = tmp_path_factory.mktemp("tiny_qwen2_large")
+    return weight_scale.build_at_scale(
+        tiny_models.build_tiny_model, out, "large", arch="qwen2", num_attention_heads=4, num_key_value_heads=2,
+        tie_word_embeddings=True, seed=2,
+    )

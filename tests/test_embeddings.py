@@ -42,7 +42,7 @@ def _close(got: list[float], want: torch.Tensor) -> None:
     assert torch.allclose(got_t, want, atol=TOL, rtol=0), (got_t - want).abs().max()
 
 
-@pytest.fixture(scope="module", params=["tiny_qwen2", "tiny_llama"])
+@pytest.fixture(scope="module", params=["tiny_qwen2", "tiny_llama", "tiny_qwen2_large"])
 def model_dir(request):
     return request.getfixturevalue(request.param)
 
@@ -120,25 +120,47 @@ def test_nan_embedding_raises(tiny_qwen2):
     assert not llm.core.has_unfinished()
 
 
-def test_qwen2_vl_image_prompt(tmp_path_factory):
+def _vlm_embed_case(arch: str):
+    """(builder, HF loader, image processor loader, prompt with one image placeholder) per VLM."""
+    import tiny_llava
     import tiny_vlm
+    import tiny_vlm25
 
-    vlm_dir = tiny_vlm.build_tiny_qwen2_vl(tmp_path_factory.mktemp("embed_vlm"), seed=0)
+    qwen_prompt = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe this.<|im_end|>\n"
+    return {
+        "qwen2_vl": (tiny_vlm.build_tiny_qwen2_vl, tiny_vlm.load_hf_qwen2_vl, tiny_vlm.load_image_processor,
+                     qwen_prompt),
+        "qwen2_5_vl": (tiny_vlm25.build_tiny_qwen2_5_vl, tiny_vlm25.load_hf_qwen2_5_vl,
+                       tiny_vlm25.load_image_processor, qwen_prompt),
+        "llava": (tiny_llava.build_tiny_llava, tiny_llava.load_hf_llava, tiny_llava.load_image_processor,
+                  "USER: <image>\nDescribe this. ASSISTANT:"),
+    }[arch]
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "llava"])
+def test_vlm_image_prompt_embedding_equals_hf(tmp_path_factory, arch, scale):
+    """An image prompt's last-token embedding (task="embed") equals HF's last hidden state there,
+    normalized, for each VLM family at both weight scales."""
+    import tiny_vlm
+    from weight_scale import build_at_scale
+
+    build, load_hf, load_processor, prompt = _vlm_embed_case(arch)
+    vlm_dir = build_at_scale(build, tmp_path_factory.mktemp(f"embed_{arch}_{scale}"), scale, seed=0)
     llm = LLM(str(vlm_dir), task="embed", **KW)
     image = tiny_vlm.random_image(100, 150, 1)
-    prompt = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe this.<|im_end|>\n"
     out = llm.embed({"prompt": prompt, "multi_modal_data": {"image": [image]}}, use_tqdm=False)[0]
 
-    hf = tiny_vlm.load_hf_qwen2_vl(vlm_dir)
-    proc = tiny_vlm.load_image_processor(vlm_dir)
-    o = proc(images=[image], return_tensors="pt")
+    hf = load_hf(vlm_dir)
+    o = load_processor(vlm_dir)(images=[image], return_tensors="pt")
     image_token = hf.config.image_token_id
     ids = out.prompt_token_ids
-    assert ids.count(image_token) == int(o["image_grid_thw"][0].prod()) // 4
+    kw = {"pixel_values": o["pixel_values"]}
+    if "image_grid_thw" in o:  # Qwen: the grid and M-RoPE's token types
+        assert ids.count(image_token) == int(o["image_grid_thw"][0].prod()) // 4
+        kw.update(image_grid_thw=o["image_grid_thw"],
+                  mm_token_type_ids=torch.tensor([[int(t == image_token) for t in ids]]))
     with torch.no_grad():
-        hidden = hf.model(input_ids=torch.tensor([ids]), pixel_values=o["pixel_values"],
-                          image_grid_thw=o["image_grid_thw"],
-                          mm_token_type_ids=torch.tensor([[int(t == image_token) for t in ids]])).last_hidden_state
+        hidden = hf.model(input_ids=torch.tensor([ids]), **kw).last_hidden_state
     _close(out.outputs.embedding, torch.nn.functional.normalize(hidden[0, -1].float(), dim=-1))
 
 

@@ -6,6 +6,9 @@ final eos when HF stopped on one: our output must be exactly that list. The scen
 paths where a paged engine can diverge from a plain forward pass: batches of very different
 lengths, prefix-cache hits, chunked prefill, preemption by recompute, several eos ids, chat
 templates, and returning every KV block afterwards.
+
+Llama and Qwen2 also run at the large weight scale (``*_large``: HF's init at std 0.2, see
+``weight_scale``) for single prompts, batches, prefix hits, chunked prefill and preemption.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from engine import LLM, SamplingParams
 
 MAX_NEW = 24
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW)
-MODELS = ["tiny_llama", "tiny_llama_gqa", "tiny_qwen2", "tiny_qwen2_sharded"]
+LARGE = ["tiny_llama_large", "tiny_qwen2_large"]  # conftest: HF's init at weight_scale.LARGE_STD
+MODELS = ["tiny_llama", "tiny_llama_gqa", "tiny_qwen2", "tiny_qwen2_sharded", *LARGE]
 
 TEXTS = [
     "Hello, world! How are you doing today?",
@@ -207,7 +211,7 @@ def test_prompt_forms(tiny_llama):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen2"])
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen2", *LARGE])
 def test_prefix_cache_hits_keep_outputs_equal(model, request):
     model_dir = request.getfixturevalue(model)
     llm = make_llm(model_dir)
@@ -340,8 +344,9 @@ def _spy_steps(llm: LLM) -> list[list[tuple[str, int, int]]]:
     return log
 
 
-@pytest.mark.parametrize("budget", [16, 32])
-@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen2"])
+@pytest.mark.parametrize(
+    "model,budget", [(m, b) for m in ("tiny_llama", "tiny_qwen2") for b in (16, 32)] + [(m, 16) for m in LARGE]
+)
 def test_chunked_prefill(model, budget, request):
     model_dir = request.getfixturevalue(model)
     llm = make_llm(model_dir, max_num_batched_tokens=budget)
@@ -384,7 +389,8 @@ def test_chunked_prefill_with_prefix_hit(tiny_llama):
 
 @pytest.mark.parametrize(
     "model,prefix_caching,budget",
-    [("tiny_llama", True, None), ("tiny_llama", False, None), ("tiny_llama", True, 32), ("tiny_qwen2", True, None)],
+    [("tiny_llama", True, None), ("tiny_llama", False, None), ("tiny_llama", True, 32), ("tiny_qwen2", True, None),
+     ("tiny_llama_large", True, 32), ("tiny_qwen2_large", True, None)],
 )
 def test_preemption_by_recompute(model, prefix_caching, budget, request):
     model_dir = request.getfixturevalue(model)

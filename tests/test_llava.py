@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import tiny_llava
+from weight_scale import build_at_scale, tiny_only
 from engine import LLM, SamplingParams
 from engine.loader import iterate_weights
 from engine.models import get_model_class
@@ -43,8 +44,10 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def llava_dir(tmp_path_factory):
-    return tiny_llava.build_tiny_llava(tmp_path_factory.mktemp("tiny_llava"), seed=0)
+def llava_dir(tmp_path_factory, scale):
+    # generation equality runs at both weight scales (weight_scale); checks of names, layouts and
+    # input errors at the tiny one
+    return build_at_scale(tiny_llava.build_tiny_llava, tmp_path_factory.mktemp(f"tiny_llava_{scale}"), scale, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +91,7 @@ _HF_MEMO: dict[tuple, list[int]] = {}
 def hf_greedy(hf_model, image_processor, tok, text: str, images: list, max_new: int = MAX_NEW) -> list[int]:
     """HF reference: prompt ids with each <image> expanded (as HF's LlavaProcessor does), pixel_values
     of all images, ``generate(do_sample=False)``; eos kept when generation stopped on it."""
-    key = (text, tuple(id(i) for i in images), max_new)
+    key = (id(hf_model), text, tuple(id(i) for i in images), max_new)  # one memo for both weight scales
     if key not in _HF_MEMO:
         n = tiny_llava.num_image_tokens(hf_model.config)
         ids = tiny_llava.expand_image_tokens(tok(text).input_ids, hf_model.config.image_token_id, n)
@@ -134,6 +137,7 @@ def assert_idle(llm: LLM) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+@tiny_only
 def test_config_and_checkpoint_names(llava_dir, hf_model):
     cfg = hf_model.config
     # transformers 5 keeps image_token_index in config.json and aliases image_token_id to it.
@@ -154,6 +158,7 @@ def _renamed(weights, fn):
     return [(fn(n), t) for n, t in weights]
 
 
+@tiny_only
 def test_load_weights_layouts_and_vision_features(llava_dir, hf_model, image_processor):
     backend = get_backend("cpu")
     assert get_model_class("LlavaForConditionalGeneration") is LlavaForConditionalGeneration
@@ -309,6 +314,7 @@ def _truncated_png():
     return Image.open(io.BytesIO(data[: len(data) // 2]))  # opens lazily; decoding fails later
 
 
+@tiny_only
 def test_too_many_images_rejected_before_queueing(llm):
     good = {"prompt": prompt_text(1), **mm([IMG_A])}
     bad = {"prompt": prompt_text(3), **mm([IMG_A, IMG_B, IMG_C])}
@@ -317,6 +323,7 @@ def test_too_many_images_rejected_before_queueing(llm):
     assert_idle(llm)
 
 
+@tiny_only
 @pytest.mark.parametrize(
     "items,match",
     [
@@ -336,12 +343,14 @@ def test_bad_images_raise_naming_the_item(llm, items, match):
     assert_idle(llm)
 
 
+@tiny_only
 def test_placeholder_count_mismatch(llm):
     with pytest.raises(ValueError, match="1 image placeholder"):
         llm.generate({"prompt": prompt_text(1), **mm([IMG_A, IMG_B])}, GREEDY)
     assert_idle(llm)
 
 
+@tiny_only
 def test_chat_renders_image_placeholders(llm, hf_model, image_processor, tok):
     if not hasattr(llm, "chat"):
         pytest.skip("LLM.chat not available")

@@ -64,6 +64,7 @@ class Host:
     def __init__(self, image: bytes) -> None:
         self.image = image
         self.requests: list[tuple[str, str]] = []
+        self.user_agents: list[str] = []
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
@@ -99,6 +100,7 @@ class Host:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 host.requests.append((self.path, self.headers.get("Host", "")))
+                host.user_agents.append(self.headers.get("User-Agent", ""))
                 if self.path.startswith("/redirect-to/"):
                     target = self.path.removeprefix("/redirect-to/")
                     self._answer(302, b"", {"Location": target if "://" in target else "/" + target})
@@ -345,6 +347,19 @@ def test_policy_refusals_before_connecting_keep_their_message(host):
 
 
 # -- the opt-in -------------------------------------------------------------------------------------
+def test_fetches_send_a_user_agent_naming_vlmserve(host, as_public, fake_dns):
+    """Some image hosts answer 403 to a library's default agent: every hop says it is vlmserve,
+    to a private host allowed by config and to a public name alike (checked-address requests)."""
+    from engine.media import USER_AGENT
+
+    assert USER_AGENT.startswith("vlmserve/")
+    before = len(host.user_agents)
+    assert loader(allow_private_media_urls=True).load_image(f"{host.url}/redirect-to/a.png").size == (56, 56)
+    fake_dns["img.example"] = [["127.0.0.1"]]
+    assert loader().load_image(f"http://img.example:{host.port}/a.png").size == (56, 56)
+    assert host.user_agents[before:] == [USER_AGENT] * 3
+
+
 def test_opt_in_by_config_and_environment(host, monkeypatch):
     url = f"{host.url}/a.png"
     assert loader(allow_private_media_urls=True).load_image(url).size == (56, 56)

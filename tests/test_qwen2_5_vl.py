@@ -22,6 +22,7 @@ import tiny_vlm25
 import torch
 import transformers
 from tiny_vlm25 import hf_image_embeds, make_prompt, mm
+from weight_scale import build_at_scale, tiny_only
 
 from engine import LLM, SamplingParams
 from engine.loader import iterate_weights
@@ -46,8 +47,11 @@ IMG_BIG = tiny_vlm25.random_image(200, 250, 4)  # 1x14x18 -> 7x9, 63
 
 
 @pytest.fixture(scope="module")
-def vlm_dir(tmp_path_factory) -> Path:
-    return tiny_vlm25.build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny_qwen2_5_vl"), seed=0)
+def vlm_dir(tmp_path_factory, scale) -> Path:
+    # engine equality runs at both weight scales (weight_scale); the component tests at the tiny
+    # one (the towers' bit-exactness at both: tests/test_vision_exactness.py)
+    return build_at_scale(tiny_vlm25.build_tiny_qwen2_5_vl, tmp_path_factory.mktemp(f"tiny_qwen2_5_vl_{scale}"),
+                          scale, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +86,7 @@ def _hf_features(hf, pixel_values, grid) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+@tiny_only
 def test_registry_checkpoint_names_and_in_memory_layout(vlm_dir, hf, ours):
     from engine.mm_processor import _PROCESSORS
 
@@ -128,6 +133,7 @@ def test_window_index_matches_hf(grids):
     assert sum(lengths) == sum(t * h * w for t, h, w in grids)
 
 
+@tiny_only
 @torch.no_grad()
 def test_vision_single_image(ours, hf, processor):
     inputs = processor(images=[IMG_A], return_tensors="pt")
@@ -151,6 +157,7 @@ def test_vision_single_image(ours, hf, processor):
     assert (full - ref).abs().max().item() > 1e-2
 
 
+@tiny_only
 @torch.no_grad()
 def test_vision_three_images_one_call(ours, hf, processor):
     images = [IMG_A, IMG_SMALL, IMG_ODD]
@@ -168,6 +175,7 @@ def test_vision_three_images_one_call(ours, hf, processor):
     torch.testing.assert_close(got[24:], single, rtol=0, atol=1e-5)
 
 
+@tiny_only
 @torch.no_grad()
 def test_vision_video(ours, hf, processor):
     frames = [tiny_vlm25.random_image(90, 120, seed=10 + i) for i in range(5)]  # padded to 6 frames
@@ -186,6 +194,7 @@ def test_vision_video(ours, hf, processor):
 # ---------------------------------------------------------------------------------------------
 
 
+@tiny_only
 def test_mrope_positions_match_hf(ours, hf, vlm_dir):
     from transformers import AutoTokenizer
 

@@ -7,6 +7,10 @@ hits on blocks holding a different image), the encoder cache, chunked prefill cu
 an image, preemption, and the input errors (limit_mm_per_prompt, corrupt images, placeholder
 count mismatches, video not supported yet) — in the offline and the async engine.
 
+The equality tests run at two weight scales (``weight_scale``: the builder's tiny init and HF's
+init at std 0.2, where vision features and positions move the logits far more); the tests that
+check no fidelity (errors, caches, lifecycle) run at the tiny one (``tiny_only``).
+
 One LLM per configuration (module-scoped), small images and short outputs keep this quick.
 """
 
@@ -19,6 +23,7 @@ import pytest
 
 import tiny_vlm
 from tiny_vlm import hf_image_embeds, make_prompt, mm
+from weight_scale import build_at_scale, tiny_only
 from engine import EngineArgs, LLM, SamplingParams
 
 BLOCK_SIZE = 16
@@ -44,8 +49,9 @@ IMG_BIG = _img(200, 250, 4)  # 1x14x18 -> 63 tokens
 
 
 @pytest.fixture(scope="module")
-def vlm_dir(tmp_path_factory):
-    return tiny_vlm.build_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny_qwen2_vl_engine"), seed=0)
+def vlm_dir(tmp_path_factory, scale):
+    return build_at_scale(tiny_vlm.build_tiny_qwen2_vl, tmp_path_factory.mktemp(f"tiny_qwen2_vl_engine_{scale}"),
+                          scale, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -228,6 +234,7 @@ def test_different_image_same_text_no_hit_on_image_blocks(llm, ref):
     assert_matches(out2, ref, text, [img2])
 
 
+@tiny_only
 def test_encoder_cache_encodes_an_image_once_across_requests(llm, ref, monkeypatch):
     img = _img(80, 120, 31)
     runner = llm.core.runner
@@ -332,6 +339,7 @@ def limited_llm(vlm_dir):
                limit_mm_per_prompt={"image": 2})
 
 
+@tiny_only
 def test_limit_mm_per_prompt(limited_llm, ref):
     llm = limited_llm
     good = mm(make_prompt(1), IMG_A)
@@ -357,6 +365,7 @@ def corrupt_image():
     return img
 
 
+@tiny_only
 def test_corrupt_image_raises_value_error_naming_item(llm, ref):
     good_text = make_prompt(1, "A fine picture.")
     bad = mm(make_prompt(2), [IMG_A, corrupt_image()])
@@ -367,6 +376,7 @@ def test_corrupt_image_raises_value_error_naming_item(llm, ref):
     assert_matches(out, ref, good_text, [IMG_SMALL])
 
 
+@tiny_only
 def test_placeholder_count_mismatch_raises(llm, hf, image_processor):
     cases = [
         mm(make_prompt(2), [IMG_A]),  # two placeholders, one image
@@ -384,6 +394,7 @@ def test_placeholder_count_mismatch_raises(llm, hf, image_processor):
     assert_nothing_queued(llm)
 
 
+@tiny_only
 def test_video_not_supported_yet(llm):
     # Videos given as frames work (tests/test_qwen_video.py); video URLs cannot be decoded yet.
     messages = [{"role": "user", "content": [
@@ -400,6 +411,7 @@ def test_video_not_supported_yet(llm):
 # ---------------------------------------------------------------------------------------------
 
 
+@tiny_only
 def test_async_corrupt_image_fails_alone(vlm_dir, ref):
     from engine.async_llm import AsyncLLM
 
@@ -436,6 +448,7 @@ def test_async_corrupt_image_fails_alone(vlm_dir, ref):
         eng.shutdown()
 
 
+@tiny_only
 def test_engine_is_freed_without_the_cyclic_collector(vlm_dir):
     """Objects alive at engine start are frozen out of the cyclic GC (engine_core.freeze_heap), so
     an engine dropped later must be freed by reference counting alone: no reference cycles, or

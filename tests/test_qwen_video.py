@@ -37,6 +37,7 @@ import pytest
 import tiny_vlm
 import torch
 
+from weight_scale import build_at_scale, tiny_only
 from engine import LLM, SamplingParams
 from engine.mm_processors.qwen2_vl import Qwen2VLProcessor
 from engine.mm_processors.qwen_video import QwenVideoConfig, QwenVideoPreprocessor
@@ -148,8 +149,11 @@ def hf_video_pixels(frames, model_dir) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def vlm_dir(tmp_path_factory):
-    return tiny_vlm.build_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny_qwen2_vl_video"), seed=0)
+def vlm_dir(tmp_path_factory, scale):
+    # video equality runs at both weight scales (weight_scale); pixel, limit and error checks at
+    # the tiny one (tiny_only)
+    return build_at_scale(tiny_vlm.build_tiny_qwen2_vl, tmp_path_factory.mktemp(f"tiny_qwen2_vl_video_{scale}"),
+                          scale, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +205,7 @@ def hf_embeds(hf, pixels, grid, modality: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+@tiny_only
 def test_video_pixels_match_hf_reference(llm, vlm_dir, image_processor):
     proc = llm.processor.mm_processor
     vp = proc.video_processor
@@ -261,6 +266,7 @@ def test_four_frame_video_equals_hf(llm, ref):
         assert o.prompt_token_ids == ids and o.outputs[0].token_ids == expected
 
 
+@tiny_only
 def test_five_frame_video_padded_equals_hf(llm, ref):
     text = make_prompt("v", "Describe the motion.")
     arr = np.stack([np.asarray(f) for f in VID5])
@@ -304,6 +310,7 @@ def test_mixed_batch_equals_hf(llm, ref):
         assert_matches(out, ref, t, images=i, videos=v)
 
 
+@tiny_only
 def test_same_video_twice_hits_caches(llm, ref):
     frames = _frames(4, 100, 130, 7)
     text = make_prompt("v", "A clip seen twice. " * 4)
@@ -321,6 +328,7 @@ def test_same_video_twice_hits_caches(llm, ref):
     assert_matches(third, ref, text, videos=[other])
 
 
+@tiny_only
 def test_chat_with_video_frames_part(llm, ref):
     messages = [{"role": "user", "content": [
         {"type": "video", "video": VID4},
@@ -344,6 +352,7 @@ def test_chat_with_video_frames_part(llm, ref):
     assert_matches(out, ref, prompt["prompt"], images=[IMG2], videos=[VID5])
 
 
+@tiny_only
 def test_chat_template_without_video_support_inlines_placeholder(llm, ref):
     template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] if m['content'] is string "
                 "else '' }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n")
@@ -354,6 +363,7 @@ def test_chat_template_without_video_support_inlines_placeholder(llm, ref):
     assert_matches(out, ref, prompt["prompt"], videos=[VID4])
 
 
+@tiny_only
 def test_chat_rejects_video_urls_and_bad_parts(llm):
     for part, match in [
         ({"type": "video_url", "video_url": {"url": "https://example.com/a.mp4"}}, "video URLs are not supported yet"),
@@ -370,6 +380,7 @@ def test_chat_rejects_video_urls_and_bad_parts(llm):
 # ---------------------------------------------------------------------------------------------
 
 
+@tiny_only
 def test_multi_image_embeds_dict_counts_as_n_images(llm, ref, hf, image_processor, vlm_dir):
     o = image_processor(images=[IMG, IMG2], return_tensors="pt")
     embeds = hf_embeds(hf, o["pixel_values"], o["image_grid_thw"], "image")
@@ -413,6 +424,7 @@ def limited_llm(vlm_dir):
                limit_mm_per_prompt={"video": 1, "image": 1})
 
 
+@tiny_only
 def test_limit_mm_per_prompt_video(limited_llm, ref, hf, image_processor):
     llm = limited_llm
     with pytest.raises(ValueError, match=r"2 video items exceed limit_mm_per_prompt\['video'\]=1"):
@@ -433,6 +445,7 @@ def test_limit_mm_per_prompt_video(limited_llm, ref, hf, image_processor):
     assert_matches(out, ref, text, videos=[VID4])
 
 
+@tiny_only
 def test_video_bounds_raise_value_error_naming_the_field(llm):
     proc = llm.processor.mm_processor
     assert proc.max_video_frames == 256
@@ -470,6 +483,7 @@ def test_video_bounds_raise_value_error_naming_the_field(llm):
     assert_nothing_queued(llm)
 
 
+@tiny_only
 def test_video_placeholder_mismatch_raises(llm):
     for prompt in [mm(make_prompt("vv"), video=VID4), mm(make_prompt("v"), video=[VID4, VID5]),
                    mm(make_prompt("i"), video=VID4, image=IMG), make_prompt("v")]:
@@ -483,6 +497,7 @@ def test_video_placeholder_mismatch_raises(llm):
 # ---------------------------------------------------------------------------------------------
 
 
+@tiny_only
 def test_qwen2_5_second_per_grid_ts_positions_match_hf(llm, hf):
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 
@@ -515,11 +530,12 @@ def test_qwen2_5_second_per_grid_ts_positions_match_hf(llm, hf):
     assert torch.equal(a.mrope_positions, b.mrope_positions)
 
 
-def test_qwen2_5_video_equals_hf_generate(tmp_path_factory):
+def test_qwen2_5_video_equals_hf_generate(tmp_path_factory, scale):
     """End to end on a tiny Qwen2.5-VL: the default fps (2.0) and an item's own fps reach HF's
     ``second_per_grid_ts`` and our positions alike."""
     tiny_vlm25 = pytest.importorskip("tiny_vlm25")
-    model_dir = tiny_vlm25.build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny_qwen2_5_vl_video"), seed=0)
+    model_dir = build_at_scale(tiny_vlm25.build_tiny_qwen2_5_vl,
+                               tmp_path_factory.mktemp(f"tiny_qwen2_5_vl_video_{scale}"), scale, seed=0)
     hf25 = tiny_vlm25.load_hf_qwen2_5_vl(model_dir)
     cfg = hf25.config
     assert cfg.vision_config.tokens_per_second == 2

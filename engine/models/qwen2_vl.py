@@ -82,9 +82,15 @@ def _vision_position_ids(grid_thw: list[list[int]], merge: int, device: torch.de
 
 
 class VisionPatchEmbed(nn.Module):
-    """Conv3d with kernel == stride == (T, p, p) over one flattened patch, computed as a matmul.
+    """Conv3d with kernel == stride == (T, p, p) over one flattened patch.
 
-    The weight keeps the checkpoint's Conv3d shape [embed, C, T, p, p] so it loads as is.
+    The weight keeps the checkpoint's Conv3d shape [embed, C, T, p, p] so it loads as is. In fp32
+    it runs as HF's Conv3d does, so the tower's output is HF's bit for bit: the same product as a
+    matmul differs in summation order (7e-7 relative), and large-weight networks amplify that
+    into different greedy tokens (tests/test_vision_exactness.py). fp16 / bf16 (serving) keep the
+    matmul: about 5x faster than the CPU conv at Qwen2-VL-2B's width (1024 patches: 87 against
+    417 ms on 2 cores), and there HF's own conv kernels round differently from device to device.
+    (On CUDA an fp32 conv is cuDNN's, TF32 unless ``torch.backends.cudnn.allow_tf32`` is off: as HF's.)
     """
 
     def __init__(self, patch_size: int, temporal_patch_size: int, in_channels: int, embed_dim: int) -> None:
@@ -96,7 +102,10 @@ class VisionPatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [P, C*T*p*p] -> [P, embed]
         w = self.proj.weight
-        return F.linear(x.to(w.dtype), w.view(self.embed_dim, -1))
+        x = x.to(w.dtype)
+        if w.dtype == torch.float32:
+            return F.conv3d(x.view(-1, *w.shape[1:]), w, stride=w.shape[2:]).view(-1, self.embed_dim)
+        return F.linear(x, w.view(self.embed_dim, -1))
 
 
 class VisionAttention(nn.Module):
