@@ -10,7 +10,8 @@ gRPC servicer, ``DataPlane``, ``ModelRepository``) and changes what a generative
   start-up (``runtime.v2_routes.register_repository_refusal``; 405, gRPC UNIMPLEMENTED);
 * both the HTTP and the gRPC server bind ``host`` (KServe hard-codes 0.0.0.0 and [::]);
 * it mounts the OpenAI routes (``runtime.openai_routes``), the API-key checks (HTTP middleware
-  and gRPC interceptor) and the engine gauges on ``/metrics``;
+  and gRPC interceptor) and the engine gauges on ``/metrics`` (served by
+  ``runtime.metrics_exposition``, which keeps vLLM's names in OpenMetrics);
 * what KServe answered 5xx or plain text for answers 4xx in JSON: model versions other than "1"
   (404), KServe v1 ``:predict`` / ``:explain`` (404), requests uvicorn cannot parse (400, 414);
   request bodies are bounded in size and time (``runtime.http_limits``: 413, 408);
@@ -57,6 +58,7 @@ from runtime.http_limits import (
     RequestBodyMiddleware,
 )
 from runtime.metrics import register_engine_metrics
+from runtime.metrics_exposition import register_metrics_route
 from runtime.model import VLMModel
 from runtime.openai_dataplane import OpenAIDataPlane
 from runtime.openai_routes import register_openai_routes
@@ -273,6 +275,7 @@ class VLMModelServer(kserve.ModelServer):
         register_repository_refusal(app)  # ahead of KServe's load / unload
         publish_request_schemas(app)
         register_engine_metrics(lambda: [(m.name, m) for m in self.models])
+        register_metrics_route(app)  # ahead of KServe's: vLLM's names intact in OpenMetrics
 
         # uvicorn and gRPC cancel what is left SERVER_MARGIN_S after our deadline: by then every
         # request has answered for itself (runtime.draining).
