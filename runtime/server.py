@@ -60,6 +60,7 @@ from runtime.http_limits import (
 from runtime.metrics import register_engine_metrics
 from runtime.metrics_exposition import register_metrics_route
 from runtime.model import VLMModel
+from runtime.model_config import register_model_config_routes
 from runtime.openai_dataplane import OpenAIDataPlane
 from runtime.openai_routes import register_openai_routes
 from runtime.openapi import publish_request_schemas
@@ -270,6 +271,7 @@ class VLMModelServer(kserve.ModelServer):
         v2 = V2DataPlane(self.registered_models)
         # v2 infer / generate / generate_stream, ahead of KServe's infer
         register_v2_routes(app, v2, self.deadline, self.config.max_body_bytes)
+        register_model_config_routes(app, self.registered_models)  # Triton's; KServe has none
         register_version_routes(app, self.dataplane)  # ahead of KServe's 501 for any version
         register_v1_refusal(app)  # ahead of KServe's :predict / :explain (501)
         register_repository_refusal(app)  # ahead of KServe's load / unload
