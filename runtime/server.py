@@ -62,7 +62,7 @@ from runtime.metrics_exposition import register_metrics_route
 from runtime.model import VLMModel
 from runtime.model_config import register_model_config_routes
 from runtime.openai_dataplane import OpenAIDataPlane
-from runtime.openai_routes import register_openai_routes
+from runtime.openai_routes import register_health_route, register_openai_routes
 from runtime.openapi import publish_request_schemas
 from runtime.v2_dataplane import NO_REPOSITORY, V2DataPlane
 from runtime.v2_routes import (
@@ -268,6 +268,7 @@ class VLMModelServer(kserve.ModelServer):
             app.add_middleware(APIKeyMiddleware, api_key=self.config.api_key)
         # Ours first: FastAPI matches in order, so GET /v1/models answers OpenAI's shape.
         register_openai_routes(app, OpenAIDataPlane(self.registered_models), deadline=self.deadline)
+        register_health_route(app, self.dataplane.ready)  # vLLM's /health, what /v2/health/ready says
         v2 = V2DataPlane(self.registered_models)
         # v2 infer / generate / generate_stream, ahead of KServe's infer
         register_v2_routes(app, v2, self.deadline, self.config.max_body_bytes)
