@@ -183,3 +183,19 @@ def test_health_and_models_follow_readiness(server):
     assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
     models = httpx.get(f"{server.url}/v1/models", timeout=5)
     assert models.status_code == 200 and models.json()["data"][0]["id"] == MODEL
+
+
+# -- the log ------------------------------------------------------------------------------------------
+def test_log_is_quiet_and_starts_with_a_banner(server):
+    assert httpx.get(f"{server.url}/v2/models/no-such-model", timeout=5).status_code == 404
+    assert httpx.get(f"{server.url}/v2/models/no-such-model/ready", timeout=5).status_code == 404
+    assert httpx.get(f"{server.url}/v1/models/no-such-model", timeout=5).status_code == 404
+    log = server.log_path.read_text()
+    assert "Traceback" not in log  # a client's 404 is no server error
+    assert "kserve.trace" not in log  # KServe's two timing lines for every request
+    assert "endpoints not registered" not in log  # KServe's own OpenAI routes; ours are served
+    banners = [line for line in log.splitlines() if "vlmserve serving" in line]
+    assert len(banners) == 1, log[-3000:]
+    for endpoint in (f"http://127.0.0.1:{server.port}", "/v1/chat/completions", "/health", f"/v2/models/{MODEL}/infer",
+                     "/v2/health/ready", "/metrics", f"127.0.0.1:{server.grpc_port}"):
+        assert endpoint in banners[0], banners[0]
