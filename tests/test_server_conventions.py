@@ -6,6 +6,8 @@ subprocess on free ports), checked with the ecosystem's own tools (issue 17):
   installed) scraping the server finds the series under vLLM's names through its HTTP API;
 * Triton's model configuration: ``tritonclient`` ``get_model_config`` over HTTP and gRPC;
 * vLLM's ``/health`` and ``/v1/models`` answer 503 until the model is ready, then 200;
+* vLLM's manifest flags are accepted on the real command line, ``--allowed-origins`` answering
+  CORS preflights;
 * the log: one start-up banner listing the endpoints, no per-request trace lines, no traceback
   for a 404, no "OpenAI endpoints not registered".
 """
@@ -26,6 +28,7 @@ from server_harness import ServerProcess, free_port, server_env
 from test_server_v2 import _import_tritonclient_grpc
 
 MODEL = "tiny"
+ORIGIN = "https://ui.example"
 # What Prometheus 2.x sends when it scrapes (scrape.acceptHeader, 2.42 and later 2.x).
 PROMETHEUS_2_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
                        "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
@@ -36,7 +39,9 @@ VLLM_SERIES = ["vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:k
 
 class Server(ServerProcess):
     def __init__(self, model_dir: Path, log_path: Path) -> None:
-        args = ["--dtype", "float32", "--device", "cpu", "--max_model_len", "512"]
+        # vLLM manifest flags (runtime.compat_args) on the real command line.
+        args = ["--dtype", "float32", "--device", "cpu", "--max_model_len", "512", "-tp", "1", "--runner", "generate",
+                "--disable-log-requests", "--uvicorn-log-level", "info", "--allowed-origins", f'["{ORIGIN}"]']
         super().__init__(model_dir, log_path, MODEL, args, server_env())
         self.before_ready: dict[str, set[int]] = {"/health": set(), "/v1/models": set()}
 
@@ -199,3 +204,13 @@ def test_log_is_quiet_and_starts_with_a_banner(server):
     for endpoint in (f"http://127.0.0.1:{server.port}", "/v1/chat/completions", "/health", f"/v2/models/{MODEL}/infer",
                      "/v2/health/ready", "/metrics", f"127.0.0.1:{server.grpc_port}"):
         assert endpoint in banners[0], banners[0]
+
+
+def test_allowed_origins_answer_cors(server):
+    preflight = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    r = httpx.options(f"{server.url}/v1/chat/completions", headers=preflight, timeout=5)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+    r = httpx.options(f"{server.url}/v1/chat/completions", headers={**preflight, "Origin": "https://evil.example"},
+                      timeout=5)
+    assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
