@@ -5,8 +5,8 @@
   Debian or npm registries); ``lint(values)`` -> Helm's lint report.
 * ``validate(obj)``: a Kubernetes object against Kubernetes' OpenAPI schemas
   (``kubernetes-validate``, strict: unknown fields are errors); a KServe object against the
-  ``openAPIV3Schema`` of KServe's CRD (``../shared/kserve-crds``; its copy in CI is under the
-  repository's parent's ``shared/``), with unknown fields reported too (the API server would drop
+  ``openAPIV3Schema`` of KServe's CRD (vendored in ``tests/kserve_crds``, from
+  ``../shared/kserve-crds``), with unknown fields reported too (the API server would drop
   them silently, i.e. a typo would be a setting that never takes effect), and its pod fields
   (containers, volumes) once more against Kubernetes' own Pod schema.
 * ``PROFILES``: the accelerator profiles the chart must render (values for each).
@@ -38,8 +38,8 @@ ISVC = {"enabled": True, "storageUri": "hf://Qwen/Qwen2-VL-2B-Instruct", "minRep
 
 
 def crd_dirs() -> list[Path]:
-    return [REPO.parent / "shared" / "kserve-crds", REPO.parent.parent / "shared" / "kserve-crds",
-            Path("/work/shared/kserve-crds")]
+    """The vendored copy first (tests/kserve_crds), then the project's shared one."""
+    return [REPO / "tests" / "kserve_crds", REPO.parent / "shared" / "kserve-crds"]
 
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
