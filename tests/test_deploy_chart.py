@@ -85,8 +85,8 @@ def test_profiles_render_lint_and_validate(profile, isvc):
 def test_cluster_runtime_monitoring_api_key_and_engine_flags():
     values = {"servingRuntime": {"cluster": True},
               "inferenceService": merge(ISVC, {"autoscaling": {"mode": "waiting"}}),
-              "accelerator": {"type": "mlu", "resourceName": "cambricon.com/mlu370",
-                              "extraResources": {"cambricon.com/mlu370.vmem": 8}},
+              "accelerator": {"type": "mlu", "extraResources": {"cambricon.com/mlu.smlu.vmemory": 16,
+                                                                "cambricon.com/mlu.smlu.vcore": 50}},
               "monitoring": {"podMonitor": {"enabled": True}, "serviceMonitor": {"enabled": True},
                              "grafanaDashboard": {"enabled": True}},
               "apiKey": {"value": "s3cret"},
@@ -109,7 +109,9 @@ def test_cluster_runtime_monitoring_api_key_and_engine_flags():
     assert "--trust-remote-code" not in args
     i = args.index("--served-model-name")
     assert args[i + 1:i + 3] == ["qwen2-vl", "gpt-4o-mini"]
-    assert container["resources"]["limits"]["cambricon.com/mlu370.vmem"] == 8
+    limits = container["resources"]["limits"]
+    assert (limits["cambricon.com/mlu"], limits["cambricon.com/mlu.smlu.vmemory"], limits["cambricon.com/mlu.smlu.vcore"]) == (
+        1, 16, 50)
     env = {e["name"]: e for e in container["env"]}
     secret = kinds["Secret"]
     assert env["VLMSERVE_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": "api-key"}
