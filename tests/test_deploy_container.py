@@ -73,7 +73,8 @@ def test_rendered_args_start_the_real_server(tmp_path):
     http_port, grpc_port = free_port(), free_port()
     values = {"accelerator": {"type": "cpu"}, "ports": {"http": http_port, "grpc": grpc_port},
               "apiKey": {"value": "chart-key"}, "engineArgs": {"dtype": "float32", "max-model-len": 512},
-              "gracefulShutdownSeconds": 5}
+              # behind a path-routing proxy that strips /ml/demo: the key must still be checked
+              "extraArgs": ["--root-path=/ml/demo"], "gracefulShutdownSeconds": 5}
     container, objects = _runtime_container(values)
     secret = next(o for o in objects if o["kind"] == "Secret")
     # What KServe and the kubelet do: the name, the model folder, the environment.
@@ -103,7 +104,8 @@ def test_rendered_args_start_the_real_server(tmp_path):
                 pass
             time.sleep(0.3)
         assert httpx.get(url + container["livenessProbe"]["httpGet"]["path"], timeout=5).status_code == 200
-        assert httpx.get(f"{url}/v2/models/demo", timeout=5).status_code == 401  # the Secret's key is on
+        for path in ("/v2/models/demo", "/v1/models"):
+            assert httpx.get(url + path, timeout=5).status_code == 401, path  # the Secret's key is on
         assert httpx.get(f"{url}/v2/models/demo", headers={"Authorization": "Bearer chart-key"}).status_code == 200
 
         from test_server_v2 import _import_tritonclient_grpc

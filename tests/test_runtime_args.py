@@ -185,3 +185,14 @@ def test_every_flag_takes_both_spellings():
             continue
         for spelling in ("--" + option[2:].replace("-", "_"), "--" + option[2:].replace("_", "-")):
             assert actions.get(normalize_argv([spelling + "=1"], parser)[0].split("=")[0]) is action, (option, spelling)
+
+
+def test_api_key_paths_under_a_root_path():
+    from runtime.auth import route_path
+
+    # uvicorn (>= 0.26) puts --root-path in front of the path; the key check must still see /v1.
+    assert route_path({"path": "/ml/demo/v1/models", "root_path": "/ml/demo"}) == "/v1/models"
+    assert route_path({"path": "/ml/demo", "root_path": "/ml/demo/"}) == "/"
+    assert route_path({"path": "/ml/demonstration/v1", "root_path": "/ml/demo"}) == "/ml/demonstration/v1"
+    assert route_path({"path": "/v1/models", "root_path": ""}) == "/v1/models"
+    assert needs_api_key(route_path({"path": "/p/v2/models/m/infer", "root_path": "/p"}))
