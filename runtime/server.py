@@ -9,9 +9,12 @@ gRPC servicer, ``DataPlane``, ``ModelRepository``) and changes what a generative
 * KServe's model repository extension (load / unload) is not served: one model, loaded at
   start-up (``runtime.v2_routes.register_repository_refusal``; 405, gRPC UNIMPLEMENTED);
 * both the HTTP and the gRPC server bind ``host`` (KServe hard-codes 0.0.0.0 and [::]);
-* it mounts the OpenAI routes (``runtime.openai_routes``), the API-key checks (HTTP middleware
-  and gRPC interceptor) and the engine gauges on ``/metrics`` (served by
-  ``runtime.metrics_exposition``, which keeps vLLM's names in OpenMetrics);
+* it mounts the OpenAI routes (``runtime.openai_routes``) with vLLM's ``/health`` (the same
+  readiness), Triton's model configuration (``runtime.model_config``), the API-key checks (HTTP
+  middleware and gRPC interceptor), CORS with ``--allowed-origins``, and the engine gauges on
+  ``/metrics`` (served by ``runtime.metrics_exposition``, which keeps vLLM's names in
+  OpenMetrics); KServe's REST server is quieted (``runtime.rest_server``) and one banner lists
+  the endpoints at start-up (``runtime.banner``);
 * what KServe answered 5xx or plain text for answers 4xx in JSON: model versions other than "1"
   (404), KServe v1 ``:predict`` / ``:explain`` (404), requests uvicorn cannot parse (400, 414);
   request bodies are bounded in size and time (``runtime.http_limits``: 413, 408);
