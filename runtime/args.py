@@ -201,16 +201,19 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def normalize_argv(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
-    """Rewrite ``--foo_bar[=v]`` to ``--foo-bar[=v]`` where only the dashed spelling is a flag of
-    ``parser`` (KServe's own ``--model_name`` style flags are left alone)."""
+    """Rewrite ``--foo_bar[=v]`` to ``--foo-bar[=v]``, and ``--foo-bar`` to ``--foo_bar``, where
+    only the other spelling is a flag of ``parser``: every flag takes both spellings (vLLM's are
+    dashed, KServe's ``--model_name`` style ones underscored)."""
     known = set(parser._option_string_actions)
     out = []
     for arg in argv:
-        if arg.startswith("--") and "_" in arg:
+        if arg.startswith("--") and arg != "--":
             name, sep, value = arg.partition("=")
-            dashed = name.replace("_", "-")
-            if name not in known and dashed in known:
-                arg = dashed + sep + value
+            if name not in known:
+                for other in ("--" + name[2:].replace("_", "-"), "--" + name[2:].replace("-", "_")):
+                    if other in known:
+                        arg = other + sep + value
+                        break
         out.append(arg)
     return out
 

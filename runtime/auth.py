@@ -19,6 +19,17 @@ _PROTECTED = re.compile(r"^/(v1|openai|v2)(/|$)")
 _OPEN = re.compile(r"^/v2/health/|^/v2/models/[^/]+(/versions/[^/]+)?/ready$")
 
 
+def route_path(scope: dict) -> str:
+    """The path routes match: ``scope["path"]`` without ``root_path`` (``--root-path``). uvicorn
+    puts the root path in front of ``path`` (as ASGI says) and Starlette strips it before routing,
+    so a check on the raw path would see ``/prefix/v1/...``, match no protected route and let a
+    request without the key through."""
+    path, root = scope.get("path", ""), scope.get("root_path", "").rstrip("/")
+    if root and (path == root or path.startswith(root + "/")):
+        return path[len(root):] or "/"
+    return path
+
+
 def needs_api_key(path: str) -> bool:
     return bool(_PROTECTED.match(path)) and not _OPEN.match(path)
 
@@ -40,7 +51,7 @@ class APIKeyMiddleware:
         self._api_key = api_key.encode()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["method"] == "OPTIONS" or not needs_api_key(scope["path"]):
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or not needs_api_key(route_path(scope)):
             await self.app(scope, receive, send)
             return
         given = b""

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from runtime.args import normalize_argv
+from runtime.compat_args import apply_vllm_compat
 from runtime.serve import add_serve_args, run_serve
 
 
@@ -92,10 +93,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    serve_parser = parser._subparsers._group_actions[0].choices["serve"]
     if argv and argv[0] == "serve":  # accept --max_model_len as well as --max-model-len
-        serve_parser = parser._subparsers._group_actions[0].choices["serve"]
         argv = ["serve", *normalize_argv(argv[1:], serve_parser)]
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        apply_vllm_compat(args, serve_parser)  # -tp 2 and the like: a clear error, exit code 2
     return args.func(args)
 
 

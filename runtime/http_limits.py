@@ -19,6 +19,8 @@ from typing import Any
 
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
+from runtime.auth import route_path
+
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 DEFAULT_BODY_TIMEOUT_S = 30.0
 # Longest request target accepted; nginx's default buffer is 8 KiB, and httptools itself cannot
@@ -67,7 +69,7 @@ class RequestBodyMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope.get("path", "")
+        path = route_path(scope)  # picks the error shape (OpenAI's under /v1)
         declared = _content_length(scope)
         if declared is not None and declared > self.max_body_bytes:
             await self._too_large(path, receive, send)

@@ -221,13 +221,25 @@ class OpenAIDataPlane:
         return {name: m for name, m in self.registry.get_models().items() if isinstance(m, VLMModel)}
 
     def list_models(self) -> ModelList:
-        return ModelList(data=[self._card(name, m) for name, m in self._models().items()])
+        """The served models; 503 while any is not ready, as ``/health`` (vLLM lists models only
+        once it serves them: a 200 here promises that chat will not answer 503)."""
+        models = self._models()
+        for name, model in models.items():
+            self._check_ready(name, model)
+        return ModelList(data=[self._card(name, m) for name, m in models.items()])
 
     def model_card(self, model_id: str) -> ModelCard:
         model = self._models().get(model_id)
         if model is None:
             raise self._not_found(model_id)
+        self._check_ready(model_id, model)
         return self._card(model_id, model)
+
+    @staticmethod
+    def _check_ready(name: str, model: VLMModel) -> None:
+        if not model.ready or model.llm is None:
+            raise OpenAIError(503, f"The model `{name}` is not ready yet (loading or shutting down).",
+                              type="service_unavailable_error", code="model_not_ready")
 
     @staticmethod
     def _card(name: str, model: VLMModel) -> ModelCard:
@@ -250,9 +262,7 @@ class OpenAIDataPlane:
         model = models.get(name)
         if model is None:
             raise self._not_found(name)
-        if not model.ready or model.llm is None:
-            raise OpenAIError(503, f"The model `{name}` is not ready yet (loading or shutting down).",
-                              type="service_unavailable_error", code="model_not_ready")
+        self._check_ready(name, model)
         return name, model
 
     # -- shared checks ---------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """OpenAI-compatible HTTP routes (the transport layer) on KServe's FastAPI app.
 
 ``register_openai_routes(app, dataplane)`` mounts, under ``/v1`` and ``/openai/v1``:
-``POST chat/completions``, ``POST completions``, ``POST embeddings``, ``GET models``, ``GET models/{id}``.
+``POST chat/completions``, ``POST completions``, ``POST embeddings``, ``GET models``, ``GET models/{id}``
+(503 until the model is ready); ``register_health_route`` adds vLLM's ``GET /health``.
 
 This layer only parses JSON into the protocol models, calls the ``OpenAIDataPlane``, and writes
 JSON or server-sent events. Errors are answered in OpenAI's shape
@@ -229,7 +230,10 @@ def build_openai_router(dataplane: OpenAIDataPlane, deadline: ShutdownDeadline |
         return await _handle(request, call, deadline)
 
     async def list_models() -> Response:
-        return json_response(dataplane.list_models())
+        try:
+            return json_response(dataplane.list_models())
+        except OpenAIError as err:
+            return error_response(err)
 
     async def get_model(model_id: str) -> Response:
         try:
@@ -255,3 +259,18 @@ def register_openai_routes(app: FastAPI, dataplane: OpenAIDataPlane,
     router = build_openai_router(dataplane, deadline)
     for prefix in prefixes:
         app.include_router(router, prefix=prefix)
+
+
+def register_health_route(app: FastAPI, ready: Callable[[], Awaitable[bool]]) -> None:
+    """vLLM's ``GET /health``: 200 (empty body, as vLLM) once the server is ready, 503 before
+    (loading) and while shutting down, so that an OpenAI-side probe means what
+    ``/v2/health/ready`` means. Open without the API key, as vLLM's."""
+
+    async def health() -> Response:
+        if await ready():
+            return Response(status_code=200)
+        return error_response(OpenAIError(503, "The server is not ready (the model is loading or the server is "
+                                               "shutting down).", type="service_unavailable_error",
+                                          code="server_not_ready"))
+
+    app.add_api_route("/health", health, methods=["GET"], include_in_schema=False)

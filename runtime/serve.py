@@ -16,6 +16,7 @@ import logging
 import sys
 
 from runtime.args import GRACE_HELP, add_engine_args, engine_args_from, frontend_args_from, non_negative_int
+from runtime.compat_args import add_vllm_compat_args
 
 logger = logging.getLogger("vlmserve.serve")
 
@@ -31,6 +32,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--graceful-shutdown-timeout", type=non_negative_int, default=30, metavar="S",
                         help=GRACE_HELP)
     add_engine_args(parser)
+    add_vllm_compat_args(parser)
     return parser
 
 
@@ -69,6 +71,11 @@ def run_serve(ns: argparse.Namespace) -> int:
     """Run ``vlmserve serve`` from flags parsed with ``add_serve_args``; returns the exit code."""
     from runtime.server import ServerConfig
 
+    if getattr(ns, "vllm_model", None) is not None:  # vLLM's --model, the same as MODEL
+        if ns.model not in (None, ns.vllm_model):
+            print(f"vlmserve serve: error: MODEL {ns.model} and --model {ns.vllm_model} differ", file=sys.stderr)
+            return 2
+        ns.model = ns.vllm_model
     if ns.model is None:
         from runtime.demo_model import default_demo_dir, ensure_demo_model
 
@@ -82,7 +89,9 @@ def run_serve(ns: argparse.Namespace) -> int:
     argv = sys.argv[1:]
     argv = argv[1:] if argv[:1] == ["serve"] else argv  # `vlmserve serve ...` or `python -m runtime.serve ...`
     config = ServerConfig(host=ns.host, http_port=ns.port, grpc_port=ns.grpc_port, enable_grpc=not ns.disable_grpc,
-                          grace_period=ns.graceful_shutdown_timeout,
+                          grace_period=ns.graceful_shutdown_timeout, ssl_certfile=ns.ssl_certfile,
+                          ssl_keyfile=ns.ssl_keyfile, uvicorn_log_level=ns.uvicorn_log_level, root_path=ns.root_path,
+                          allowed_origins=ns.allowed_origins,
                           command=[sys.executable, "-m", "runtime.serve", *argv])
     return launch(ns, names[0], config)
 
@@ -90,9 +99,11 @@ def run_serve(ns: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """``python -m runtime.serve [MODEL] ...`` (the same as ``vlmserve serve``)."""
     from runtime.args import normalize_argv
+    from runtime.compat_args import apply_vllm_compat
 
     parser = add_serve_args(argparse.ArgumentParser(prog="vlmserve serve"))
     ns = parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else argv, parser))
+    apply_vllm_compat(ns, parser)
     return run_serve(ns)
 
 

@@ -9,8 +9,12 @@ gRPC servicer, ``DataPlane``, ``ModelRepository``) and changes what a generative
 * KServe's model repository extension (load / unload) is not served: one model, loaded at
   start-up (``runtime.v2_routes.register_repository_refusal``; 405, gRPC UNIMPLEMENTED);
 * both the HTTP and the gRPC server bind ``host`` (KServe hard-codes 0.0.0.0 and [::]);
-* it mounts the OpenAI routes (``runtime.openai_routes``), the API-key checks (HTTP middleware
-  and gRPC interceptor) and the engine gauges on ``/metrics``;
+* it mounts the OpenAI routes (``runtime.openai_routes``) with vLLM's ``/health`` (the same
+  readiness), Triton's model configuration (``runtime.model_config``), the API-key checks (HTTP
+  middleware and gRPC interceptor), CORS with ``--allowed-origins``, and the engine gauges on
+  ``/metrics`` (served by ``runtime.metrics_exposition``, which keeps vLLM's names in
+  OpenMetrics); KServe's REST server is quieted (``runtime.rest_server``) and one banner lists
+  the endpoints at start-up (``runtime.banner``);
 * what KServe answered 5xx or plain text for answers 4xx in JSON: model versions other than "1"
   (404), KServe v1 ``:predict`` / ``:explain`` (404), requests uvicorn cannot parse (400, 414);
   request bodies are bounded in size and time (``runtime.http_limits``: 413, 408);
@@ -33,22 +37,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-from fastapi.responses import JSONResponse
 
 from engine.config import EngineArgs
 from runtime._kserve import (
     FASTAPI_APP_IMPORT_STRING,
     DataPlane,
     GRPCServer,
-    ModelNotReady,
     ModelRepositoryExtension,
-    RESTServer,
-    ServerNotReady,
     kserve,
     model_server,
 )
 from runtime.args import FrontendArgs
 from runtime.auth import APIKeyMiddleware, grpc_api_key_interceptor
+from runtime.banner import banner
 from runtime.draining import SERVER_MARGIN_S, ShutdownDeadline
 from runtime.http_limits import (
     DEFAULT_BODY_TIMEOUT_S,
@@ -57,10 +58,13 @@ from runtime.http_limits import (
     RequestBodyMiddleware,
 )
 from runtime.metrics import register_engine_metrics
+from runtime.metrics_exposition import register_metrics_route
 from runtime.model import VLMModel
+from runtime.model_config import register_model_config_routes
 from runtime.openai_dataplane import OpenAIDataPlane
-from runtime.openai_routes import register_openai_routes
+from runtime.openai_routes import register_health_route, register_openai_routes
 from runtime.openapi import publish_request_schemas
+from runtime.rest_server import VLMRESTServer
 from runtime.v2_dataplane import NO_REPOSITORY, V2DataPlane
 from runtime.v2_routes import (
     register_repository_refusal,
@@ -96,6 +100,11 @@ class ServerConfig:
     api_server_count: int = 1
     command: list[str] = field(default_factory=list)
     reuse_port: bool = False
+    # vLLM's front-end flags (runtime.compat_args): uvicorn's log level, the path prefix a proxy
+    # strips (ASGI root_path), CORS origins (None: no CORS headers, as before).
+    uvicorn_log_level: str | None = None
+    root_path: str = ""
+    allowed_origins: list[str] | None = None
 
 
 class ReadinessDataPlane(DataPlane):
@@ -146,33 +155,6 @@ class NoRepositoryExtension(ModelRepositoryExtension):
 
     async def unload(self, model_name: str) -> None:
         raise NotImplementedError(NO_REPOSITORY)
-
-
-class VLMRESTServer(RESTServer):
-    """KServe's REST server; "not ready" answers (503 while loading) are not logged as errors with
-    a traceback, since readiness probes ask for them every few seconds. With ``reuse_port`` it
-    listens on a socket that other API server processes bind too."""
-
-    reuse_port = False
-
-    async def start(self) -> None:
-        if not self.reuse_port:
-            await super().start()
-            return
-        from runtime.api_servers import reuse_port_socket
-
-        self.create_application()
-        sock = reuse_port_socket(self.config.host, self.config.port)
-        await self._server.serve(sockets=[sock])
-
-    def _add_exception_handlers(self, app: Any) -> None:
-        super()._add_exception_handlers(app)
-
-        async def not_ready(_: Any, exc: Exception) -> JSONResponse:
-            return JSONResponse(status_code=503, content={"error": str(exc)})
-
-        app.add_exception_handler(ServerNotReady, not_ready)
-        app.add_exception_handler(ModelNotReady, not_ready)
 
 
 class VLMGRPCServer(GRPCServer):
@@ -263,16 +245,24 @@ class VLMModelServer(kserve.ModelServer):
                            body_timeout=self.config.body_timeout)
         if self.config.api_key:
             app.add_middleware(APIKeyMiddleware, api_key=self.config.api_key)
+        if self.config.allowed_origins is not None:  # outermost: preflights answered before the key check
+            from fastapi.middleware.cors import CORSMiddleware
+
+            app.add_middleware(CORSMiddleware, allow_origins=self.config.allowed_origins, allow_credentials=False,
+                               allow_methods=["*"], allow_headers=["*"])
         # Ours first: FastAPI matches in order, so GET /v1/models answers OpenAI's shape.
         register_openai_routes(app, OpenAIDataPlane(self.registered_models), deadline=self.deadline)
+        register_health_route(app, self.dataplane.ready)  # vLLM's /health, what /v2/health/ready says
         v2 = V2DataPlane(self.registered_models)
         # v2 infer / generate / generate_stream, ahead of KServe's infer
         register_v2_routes(app, v2, self.deadline, self.config.max_body_bytes)
+        register_model_config_routes(app, self.registered_models)  # Triton's; KServe has none
         register_version_routes(app, self.dataplane)  # ahead of KServe's 501 for any version
         register_v1_refusal(app)  # ahead of KServe's :predict / :explain (501)
         register_repository_refusal(app)  # ahead of KServe's load / unload
         publish_request_schemas(app)
         register_engine_metrics(lambda: [(m.name, m) for m in self.models])
+        register_metrics_route(app)  # ahead of KServe's: vLLM's names intact in OpenMetrics
 
         # uvicorn and gRPC cancel what is left SERVER_MARGIN_S after our deadline: by then every
         # request has answered for itself (runtime.draining).
@@ -283,7 +273,7 @@ class VLMModelServer(kserve.ModelServer):
             event_loop=self.event_loop, timeout_keep_alive=self.timeout_keep_alive,
             ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile,
         )
-        self._rest_server.config.host = self.config.host
+        self._rest_server.configure(self.config.host, self.config.uvicorn_log_level, self.config.root_path)
         self._rest_server.reuse_port = self.config.reuse_port or self.config.api_server_count > 1
         self._rest_server.config.http = JSONErrorHTTPProtocol  # JSON for what uvicorn refuses itself
         if self.enable_grpc:
@@ -314,6 +304,12 @@ class VLMModelServer(kserve.ModelServer):
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._request_stop, f"signal {signal.Signals(sig).name}")
         helpers = [asyncio.create_task(self._load(m), name=f"load-{m.name}") for m in self.models]
+        if not self.config.reuse_port:  # the head process (copies of --api-server-count say nothing)
+            logger.info("%s", banner(self.models[0].served_names, self.config.host, self.http_port,
+                                     self.grpc_port if self.enable_grpc else None,
+                                     tls=bool(self.ssl_certfile), root_path=self.config.root_path,
+                                     api_key=bool(self.config.api_key),
+                                     api_server_count=self.config.api_server_count))
         if self.config.reuse_port and not self.copies:
             # A copy sharing the head's ports (--api-server-count) binds them only once its model is
             # ready: the kernel hands it connections as soon as it listens, and the head already

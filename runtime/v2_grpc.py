@@ -5,6 +5,7 @@
 which has no streaming rpc:
 
 * ServerLive / ServerReady / ModelReady / ServerMetadata / ModelMetadata: KServe's DataPlane;
+* ModelConfig: Triton's model configuration (``runtime.model_config``, the same as over HTTP);
 * ModelInfer: one generation (``stream`` must be false), outputs in ``raw_output_contents``;
 * ModelStreamInfer: requests are served concurrently as they arrive; a request with input
   ``stream`` = true gets one response per new piece of text, the last carrying
@@ -34,6 +35,7 @@ from runtime import v2_grpc_predict_pb2 as pb
 from runtime import v2_grpc_predict_pb2_grpc as pb_grpc
 from runtime.draining import SHUTDOWN_MESSAGE, DeadlinePassed, ShutdownDeadline
 from runtime.errors import internal_error_message
+from runtime.model_config import model_config, model_config_proto, resolve_for_config
 from runtime.v2_codec import V2Error, decode_grpc_request, encode_grpc_response
 from runtime.v2_dataplane import MODEL_VERSION, NO_REPOSITORY, Piece, V2DataPlane, output_tensors, parse_request
 
@@ -81,6 +83,13 @@ class V2InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             name=meta["name"], platform=meta.get("platform", ""), versions=[DEFAULT_VERSION],
             inputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in meta["inputs"]],
             outputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in meta["outputs"]])
+
+    async def ModelConfig(self, request: Any, context: Any) -> Any:
+        try:
+            model = resolve_for_config(self._data_plane.model_registry, request.name, request.version)
+        except V2Error as err:
+            raise grpc_error(err) from err
+        return model_config_proto(model_config(request.name, model))
 
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
         raise grpc_exc.Unimplemented(f"RepositoryModelLoad: {NO_REPOSITORY}")

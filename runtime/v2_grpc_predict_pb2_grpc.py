@@ -59,6 +59,11 @@ class GRPCInferenceServiceStub:
                 request_serializer=v2__grpc__predict__pb2.ModelMetadataRequest.SerializeToString,
                 response_deserializer=v2__grpc__predict__pb2.ModelMetadataResponse.FromString,
                 _registered_method=True)
+        self.ModelConfig = channel.unary_unary(
+                '/inference.GRPCInferenceService/ModelConfig',
+                request_serializer=v2__grpc__predict__pb2.ModelConfigRequest.SerializeToString,
+                response_deserializer=v2__grpc__predict__pb2.ModelConfigResponse.FromString,
+                _registered_method=True)
         self.ModelInfer = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelInfer',
                 request_serializer=v2__grpc__predict__pb2.ModelInferRequest.SerializeToString,
@@ -112,6 +117,13 @@ class GRPCInferenceServiceServicer:
 
     def ModelMetadata(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ModelConfig(self, request, context):
+        """Triton's model configuration (read by perf_analyzer and other tritonclient tools).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -172,6 +184,11 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
                     servicer.ModelMetadata,
                     request_deserializer=v2__grpc__predict__pb2.ModelMetadataRequest.FromString,
                     response_serializer=v2__grpc__predict__pb2.ModelMetadataResponse.SerializeToString,
+            ),
+            'ModelConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.ModelConfig,
+                    request_deserializer=v2__grpc__predict__pb2.ModelConfigRequest.FromString,
+                    response_serializer=v2__grpc__predict__pb2.ModelConfigResponse.SerializeToString,
             ),
             'ModelInfer': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelInfer,
@@ -329,6 +346,33 @@ class GRPCInferenceService:
             '/inference.GRPCInferenceService/ModelMetadata',
             v2__grpc__predict__pb2.ModelMetadataRequest.SerializeToString,
             v2__grpc__predict__pb2.ModelMetadataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ModelConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inference.GRPCInferenceService/ModelConfig',
+            v2__grpc__predict__pb2.ModelConfigRequest.SerializeToString,
+            v2__grpc__predict__pb2.ModelConfigResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,9 +5,10 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_install.sh"
 vlmserve_install
-# promtool (Debian's prometheus package) checks /metrics in tests/test_server_metrics.py; where it
-# cannot be installed (not root, no apt) that one test skips.
-if ! command -v promtool >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+# Debian's prometheus package: promtool checks /metrics in tests/test_server_metrics.py, and a real
+# Prometheus scrapes the server in tests/test_server_conventions.py; where it cannot be installed
+# (not root, no apt) those two tests skip, saying why.
+if ! { command -v promtool && command -v prometheus; } >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) \
     >/dev/null 2>&1 || echo "scripts/test.sh: could not install promtool; its check will skip" >&2
 fi

@@ -132,3 +132,67 @@ def test_dataplane_errors():
     assert err.status == 400 and err.param == "top_p"
     err = _chat_error(_dataplane_with(True, "t"), model="m", logit_bias={"1": 2.0})
     assert err.status == 400 and err.param == "logit_bias"
+
+
+# -- vLLM's flags, as deployment manifests pass them (issue 17) ---------------------------------
+VLLM_FLAGS = ["--runner", "generate", "-tp", "1", "--disable-log-requests", "--uvicorn-log-level", "warning",
+              "--root-path", "/models/tiny", "--ssl-keyfile", "/k.pem", "--ssl-certfile", "/c.pem",
+              "--allowed-origins", '["https://ui.example"]']
+
+
+def _kserve_form(*argv: str) -> argparse.Namespace:
+    from runtime.__main__ import build_parser, parse_args
+
+    return parse_args(build_parser(), list(argv))
+
+
+def test_vllm_manifest_flags_are_accepted():
+    ns = _kserve_form("--model", "/models/qwen", *VLLM_FLAGS)
+    assert ns.model_dir == "/models/qwen" and ns.model_name == "/models/qwen"  # vLLM serves it under its path
+    assert (ns.task, ns.tensor_parallel_size, ns.uvicorn_log_level, ns.root_path) == ("generate", 1, "warning",
+                                                                                        "/models/tiny")
+    assert (ns.ssl_keyfile, ns.ssl_certfile, ns.allowed_origins) == ("/k.pem", "/c.pem", ["https://ui.example"])
+    assert _kserve_form("--model_name=m", "--model", "/x", "--allowed_origins", "a.org,b.org").allowed_origins == [
+        "a.org", "b.org"]
+    assert _kserve_form("--model_dir", "/x", "--served-model-name", "q").model_name == "q"
+    assert _kserve_form("--model_dir", "/x").model_name == "model"  # KServe's default
+    assert _kserve_form("--model", "/x", "--runner", "pooling").task == "embedding"
+    ns = _parse("m", *VLLM_FLAGS)  # `vlmserve serve` takes them too
+    assert (ns.ssl_keyfile, ns.root_path, ns.allowed_origins) == ("/k.pem", "/models/tiny", ["https://ui.example"])
+    assert _parse("--model", "m2").vllm_model == "m2"  # run_serve takes it as MODEL
+
+
+@pytest.mark.parametrize("argv, words", [
+    (("-tp", "2"), ["--tensor-parallel-size 2", "one device"]),
+    (("--tensor-parallel-size=4",), ["--tensor-parallel-size 4", "replicas"]),
+    (("--runner", "draft"), ["--runner draft"]),
+])
+def test_vllm_values_we_cannot_honour_are_refused_clearly(capsys, argv, words):
+    with pytest.raises(SystemExit) as exit_:
+        _kserve_form("--model_dir", "/x", *argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments" not in err and all(w in err for w in words), err
+
+
+def test_every_flag_takes_both_spellings():
+    from runtime.__main__ import build_parser
+
+    parser = build_parser()
+    actions = parser._option_string_actions
+    for option, action in actions.items():
+        if not option.startswith("--") or option == "--help":
+            continue
+        for spelling in ("--" + option[2:].replace("-", "_"), "--" + option[2:].replace("_", "-")):
+            assert actions.get(normalize_argv([spelling + "=1"], parser)[0].split("=")[0]) is action, (option, spelling)
+
+
+def test_api_key_paths_under_a_root_path():
+    from runtime.auth import route_path
+
+    # uvicorn (>= 0.26) puts --root-path in front of the path; the key check must still see /v1.
+    assert route_path({"path": "/ml/demo/v1/models", "root_path": "/ml/demo"}) == "/v1/models"
+    assert route_path({"path": "/ml/demo", "root_path": "/ml/demo/"}) == "/"
+    assert route_path({"path": "/ml/demonstration/v1", "root_path": "/ml/demo"}) == "/ml/demonstration/v1"
+    assert route_path({"path": "/v1/models", "root_path": ""}) == "/v1/models"
+    assert needs_api_key(route_path({"path": "/p/v2/models/m/infer", "root_path": "/p"}))
