@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import sys
 
+from runtime import metrics_multiprocess
+
+# Before kserve imports prometheus_client: with several API server processes their metrics are
+# kept in shared files (runtime.metrics_multiprocess).
+metrics_multiprocess.prepare(sys.argv[1:])
 _saved_argv = sys.argv
 sys.argv = _saved_argv[:1]
 try:

@@ -31,12 +31,13 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry
 
 from engine.async_llm import AsyncLLM
 from engine.stats import FinishedRequestStats, IterationStats, StatLogger
+from runtime import metrics_multiprocess
 
 # (name, help, EngineStats attribute)
 _GAUGES = (
@@ -191,6 +192,42 @@ class PrometheusStatLogger(StatLogger):
         self.request_generation_tokens.observe(stats.num_generation_tokens)
 
 
+class ProcessInfoCollector(Collector):
+    """``vlmserve:api_server_info{pid}``: which API server process answered this scrape (with
+    ``--api-server-count N`` the kernel picks one; the request metrics are every process's sum)."""
+
+    def collect(self) -> Iterator[Any]:
+        family = GaugeMetricFamily("vlmserve:api_server_info", "The API server process that answered (1)",
+                                   labels=["pid"])
+        family.add_metric([str(os.getpid())], 1.0)
+        yield family
+
+
+# Collectors that read this process's state (the engine core's latest statistics, the pid): served
+# beside the multiprocess files' sums, which hold only counters, histograms and gauges of objects.
+_served_here: list[Collector] = []
+_multiprocess_registry: CollectorRegistry | None = None
+
+
+def exposition_registry() -> CollectorRegistry:
+    """What ``/metrics`` serves: the default registry, or with several API server processes
+    (``runtime.metrics_multiprocess``) every process's request metrics summed, plus this one's
+    engine gauges."""
+    global _multiprocess_registry
+    if not metrics_multiprocess.enabled():
+        return REGISTRY
+    with _lock:
+        if _multiprocess_registry is None:
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            for collector in _served_here:
+                registry.register(collector)
+            _multiprocess_registry = registry
+        return _multiprocess_registry
+
+
 _lock = threading.Lock()
 _request_metrics: dict[int, RequestMetrics] = {}  # id(registry) -> its metrics (created once)
 
@@ -219,11 +256,10 @@ def register_engine_metrics(models: Callable[[], Iterable[tuple[str, Any]]],
     request metrics from every ``AsyncLLM`` built in this process from now on."""
     collector = EngineStatsCollector(models)
     registry.register(collector)
+    registry.register(ProcessInfoCollector())
     metrics = request_metrics(registry)
-    # Which API server process answered this scrape: with --api-server-count N each process
-    # serves its own request counters (runtime/api_servers.py).
-    Gauge("vlmserve:api_server_info", "The API server process that answered (1)", ["pid"],
-          registry=registry).labels(pid=str(os.getpid())).set(1)
+    if registry is REGISTRY:
+        _served_here.extend([collector, ProcessInfoCollector()])
 
     def factory(llm: Any) -> StatLogger:
         return PrometheusStatLogger(metrics, _model_name_of(llm, models))

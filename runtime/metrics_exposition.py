@@ -29,6 +29,8 @@ from prometheus_client.openmetrics import exposition as om
 from prometheus_client.registry import REGISTRY, Collector
 from prometheus_client.samples import Sample
 
+from runtime.metrics import exposition_registry
+
 
 class _EscapedNames(Collector):
     """``registry``'s metrics with every metric (and sample) name escaped by ``escaping``'s
@@ -70,7 +72,7 @@ def register_metrics_route(app: FastAPI) -> None:
     """Serve ``/metrics``; call before KServe registers its own (FastAPI matches in order)."""
 
     async def metrics(request: Request) -> Response:
-        body, content_type = render_metrics(request.headers.get("accept"))
+        body, content_type = render_metrics(request.headers.get("accept"), exposition_registry())
         return Response(content=body, headers={"content-type": content_type})
 
     app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)

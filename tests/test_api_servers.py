@@ -1,7 +1,8 @@
 """``--api-server-count 3``: three API server processes share the engine core and the ports.
 
 The real server (``python -m runtime``) on the tiny Qwen2; each process answers ``/metrics`` with
-its own ``vlmserve:api_server_info{pid}``, which tells them apart from outside. Requests spread
+its own ``vlmserve:api_server_info{pid}``, which tells them apart from outside, and with every
+process's request counters summed. Requests spread
 over all must give the same greedy text as one process would (the engine is the same), each
 process must have served some, gRPC must work on the shared port, and SIGTERM to the head must
 stop every process with exit code 0.
@@ -14,6 +15,7 @@ import re
 import signal
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import httpx
 import psutil
@@ -73,11 +75,15 @@ def test_api_servers_share_the_engine_and_the_port(server):
         texts = list(pool.map(lambda i: (PROMPTS[i % 4], complete(server.url, PROMPTS[i % 4])), range(48)))
     assert all(text == reference[prompt] for prompt, text in texts)
 
+    # Whichever process answers, /metrics counts every process's requests (Prometheus would read
+    # per-process counters as one counter jumping up and down).
     per_process: dict[str, float] = defaultdict(float)
     for _ in range(60):
         who, done = scrape(server.url)
         per_process[who] = done
-    assert len(per_process) == COUNT and all(done > 0 for done in per_process.values()), dict(per_process)
+    assert len(per_process) == COUNT, dict(per_process)
+    warmups = COUNT  # each process warms up with one request of its own before it serves
+    assert set(per_process.values()) == {len(PROMPTS) + 48 + warmups}, dict(per_process)
 
     # gRPC on the shared port, through whichever process answers
     import grpc
@@ -102,8 +108,12 @@ def test_sigterm_to_the_head_stops_every_process(tiny_qwen2, tmp_path_factory):
             time.sleep(0.5)
         everyone = [head, *head.children(recursive=True)]
         assert len(everyone) >= COUNT + 1, [p.cmdline() for p in everyone]  # the processes and the engine core
+        # The processes' shared metrics (the head made the directory; its copies were started with it).
+        metrics_dir = Path(copies[0].environ()["PROMETHEUS_MULTIPROC_DIR"])
+        assert metrics_dir.is_dir()
         srv.proc.send_signal(signal.SIGTERM)
         assert srv.proc.wait(60) == 0, srv.tail()
+        assert not metrics_dir.exists()
         gone, alive = psutil.wait_procs(everyone, timeout=30)
         assert not alive, [p.cmdline() for p in alive]
     finally:

@@ -196,3 +196,14 @@ def test_api_key_paths_under_a_root_path():
     assert route_path({"path": "/ml/demonstration/v1", "root_path": "/ml/demo"}) == "/ml/demonstration/v1"
     assert route_path({"path": "/v1/models", "root_path": ""}) == "/v1/models"
     assert needs_api_key(route_path({"path": "/p/v2/models/m/infer", "root_path": "/p"}))
+
+
+@pytest.mark.parametrize("argv, count", [
+    (["m", "--api-server-count", "3"], 3), (["--api_server_count=4"], 4), (["--api-server-count=2", "--port", "1"], 2),
+    (["m"], 1), (["--api-server-count"], 1), (["--api-server-count", "x"], 1)])
+def test_api_server_count_is_read_before_the_parser(argv, count) -> None:
+    """Multiprocess metrics are switched on from the raw command line, before prometheus_client is
+    imported (runtime.metrics_multiprocess): it must read the flag as the parser does."""
+    from runtime.metrics_multiprocess import api_server_count
+
+    assert api_server_count(argv) == count
