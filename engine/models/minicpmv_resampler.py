@@ -35,15 +35,17 @@ def sincos_2d(dim: int, rows: int, cols: int) -> torch.Tensor:
     if dim % 4:
         raise ValueError(f"minicpmv: the resampler width {dim} is not a multiple of 4")
     quarter = dim // 4
-    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # [D/4]
+    # float32 throughout, as the published table is computed (numpy float32): the checkpoint was
+    # trained with those values.
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)  # [D/4]
 
     def half(pos: torch.Tensor) -> torch.Tensor:  # [n] -> [n, D/2]
-        angle = pos.double()[:, None] * omega[None, :]
+        angle = pos.float()[:, None] * omega[None, :]
         return torch.cat([angle.sin(), angle.cos()], dim=-1)
 
     by_col = half(torch.arange(cols))[None, :, :].expand(rows, cols, -1)
     by_row = half(torch.arange(rows))[:, None, :].expand(rows, cols, -1)
-    return torch.cat([by_col, by_row], dim=-1).float()
+    return torch.cat([by_col, by_row], dim=-1)
 
 
 class _PackedAttention(nn.Module):
