@@ -2,7 +2,8 @@
 
 Most checkpoints name a ``model_type`` that transformers ships; ``AutoConfig`` loads those. Some
 architectures we implement natively ship their config class only as remote code
-(``configuration_*.py`` + ``auto_map``), e.g. Phi-3-vision (``model_type: "phi3_v"``). Running
+(``configuration_*.py`` + ``auto_map``), e.g. Phi-3-vision (``model_type: "phi3_v"``) and MiniCPM-V
+(``model_type: "minicpmv"``). Running
 that code is neither needed nor wanted (this machine may not even be able to fetch it), so for
 those model types the config is built here from a transformers class that describes the same
 language model, keeping every extra field (``img_processor``, ``embd_layer``, ...) as an attribute.
@@ -31,10 +32,37 @@ def _phi3_v(raw: dict[str, Any]) -> Any:
     return Phi3Config.from_dict(raw)
 
 
+def _minicpmv(raw: dict[str, Any]) -> Any:
+    """MiniCPM-V 2.6: a ``Qwen2Config`` (the text model; the published config.json is one plus
+    the vision fields) keeping ``vision_config``, ``query_num``, ``slice_config``, ``version``, ...
+    as plain attributes (``vision_config`` stays a dict: the model builds its tower from it)."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config.from_dict(dict(raw))
+
+
 # config.json model_type -> builder of the config object from the parsed JSON.
 _NATIVE_CONFIGS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "phi3_v": _phi3_v,
+    "minicpmv": _minicpmv,
 }
+
+# config.json model_type -> the transformers tokenizer class that loads the folder's tokenizer,
+# for checkpoints whose tokenizer_config.json names a remote-code class (MiniCPM-V 2.6's
+# ``MiniCPMVTokenizerFast`` is a Qwen2 tokenizer plus id properties the engine does not use).
+_NATIVE_TOKENIZERS: dict[str, str] = {
+    "minicpmv": "Qwen2Tokenizer",
+}
+
+
+def native_tokenizer_class(hf_config: Any) -> type | None:
+    """The tokenizer class to load this model type's folder with, or None for AutoTokenizer."""
+    name = _NATIVE_TOKENIZERS.get(getattr(hf_config, "model_type", None))
+    if name is None:
+        return None
+    import transformers
+
+    return getattr(transformers, name)
 
 
 def load_hf_config(model_dir: Path, trust_remote_code: bool) -> Any:

@@ -25,6 +25,7 @@ _DEVICE_PREPROCESSORS: dict[str, tuple[str, str]] = {
     "Qwen2VLForConditionalGeneration": ("engine.mm_processors.qwen2_vl_pixels", "Qwen2VLDevicePreprocessor"),
     "Qwen2_5_VLForConditionalGeneration": ("engine.mm_processors.qwen2_vl_pixels", "Qwen2VLDevicePreprocessor"),
     "Phi3VForCausalLM": ("engine.mm_processors.phi3v_pixels", "Phi3VDevicePreprocessor"),
+    "MiniCPMV": ("engine.mm_processors.minicpmv_pixels", "MiniCPMVDevicePreprocessor"),
 }
 
 

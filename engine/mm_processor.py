@@ -23,6 +23,7 @@ _PROCESSORS: dict[str, tuple[str, str]] = {
     "Qwen2_5_VLForConditionalGeneration": ("engine.mm_processors.qwen2_vl", "Qwen2VLProcessor"),
     "LlavaForConditionalGeneration": ("engine.mm_processors.llava", "LlavaProcessor"),
     "Phi3VForCausalLM": ("engine.mm_processors.phi3v", "Phi3VProcessor"),
+    "MiniCPMV": ("engine.mm_processors.minicpmv", "MiniCPMVProcessor"),
 }
 
 MODALITIES = ("image", "video")

@@ -23,6 +23,11 @@ PromptType = str | dict[str, Any]
 def load_tokenizer(config: EngineConfig):
     from transformers import AutoTokenizer
 
+    from engine.hf_configs import native_tokenizer_class
+
+    native = native_tokenizer_class(config.model.hf_config)
+    if native is not None:  # the folder names remote tokenizer code: never run it
+        return native.from_pretrained(config.model.tokenizer_dir)
     # The engine's config is handed over so that the tokenizer does not load the model's config
     # again (for model types built natively, e.g. phi3_v, that would run remote configuration code).
     return AutoTokenizer.from_pretrained(

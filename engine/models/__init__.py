@@ -12,6 +12,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "LlavaForConditionalGeneration": ("engine.models.llava", "LlavaForConditionalGeneration"),
     "Phi3ForCausalLM": ("engine.models.phi3", "Phi3ForCausalLM"),
     "Phi3VForCausalLM": ("engine.models.phi3v", "Phi3VForCausalLM"),
+    "MiniCPMV": ("engine.models.minicpmv", "MiniCPMV"),
 }
 
 
