@@ -8,7 +8,9 @@ images (or a ``(T, H, W, 3)`` uint8 array), in any order. Parts become ``{"type"
 ignores media parts (it renders no placeholder), the model's placeholder text is written in at
 each item's place instead, as vLLM does.
 
-``{"type": "video_url"}`` parts are refused (ValueError): there is no video decoder yet.
+``{"type": "video_url", "video_url": {"url"}}`` parts are decoded by ``MediaLoader.load_video`` (the
+URL rules of images; PyAV, an optional dependency: without it a ValueError says what to send
+instead) into ``{"frames", "fps"}``, sampled and bounded there.
 """
 
 from __future__ import annotations
@@ -65,15 +67,13 @@ def parse_chat(
                 if placeholder is None:
                     raise ValueError(f"{where}: this model takes text only")
                 texts.append(placeholder(len(images)) if callable(placeholder) else placeholder)
-            elif kind == "video_url":
-                raise ValueError(
-                    f"{where}: video URLs are not supported yet; pass the decoded frames offline as "
-                    "{'type': 'video', 'video': [PIL images]}"
-                )
-            elif kind == "video":
-                if video_placeholder is None:
+            elif kind in ("video_url", "video"):
+                if video_placeholder is None:  # before any download or decoding
                     raise ValueError(f"{where}: this model does not take video input")
-                videos.append(_video_of(part, where))
+                if kind == "video_url":
+                    videos.append(loader.load_video(_url_of(part, "video_url", where), what=f"{where}.video_url"))
+                else:
+                    videos.append(_video_of(part, where))
                 parts.append({"type": "video"})
                 texts.append(video_placeholder)
             else:
@@ -92,35 +92,42 @@ def _image_of(part: dict[str, Any], kind: str, where: str, loader: MediaLoader) 
         if img is None or not hasattr(img, "convert"):
             raise ValueError(f"{where}.image: expected a PIL image")
         return img
-    return loader.load_image(_image_url_of(part, where), what=f"{where}.image_url")
+    return loader.load_image(_url_of(part, "image_url", where), what=f"{where}.image_url")
 
 
-def _image_url_of(part: dict[str, Any], where: str) -> Any:
-    ref = part.get("image_url")
+def _url_of(part: dict[str, Any], kind: str, where: str) -> Any:
+    """The URL of an ``image_url`` / ``video_url`` part: ``{kind: {"url": ...}}``."""
+    ref = part.get(kind)
     if isinstance(ref, str):
-        raise ValueError(f"{where}.image_url: must be an object {{\"url\": ...}}, not a bare string")
+        raise ValueError(f"{where}.{kind}: must be an object {{\"url\": ...}}, not a bare string")
     if not isinstance(ref, dict) or "url" not in ref:
-        raise ValueError(f"{where}.image_url: must be an object with a 'url'")
+        raise ValueError(f"{where}.{kind}: must be an object with a 'url'")
     return ref["url"]
 
 
 def remote_image_urls(messages: Any) -> list[tuple[str, str]]:
-    """``(url, what)`` of every http(s) ``image_url`` part, named as ``parse_chat`` names it, so a
-    server can fetch them before parsing (``MediaLoader.fetch_all_async``). Never raises: parts
-    that ``parse_chat`` rejects are skipped here and reported there."""
+    """``(url, what)`` of every http(s) ``image_url`` and ``video_url`` part, named as
+    ``parse_chat`` names it, so a server can fetch them before parsing
+    (``MediaLoader.fetch_all_async``). Never raises: parts that ``parse_chat`` rejects are skipped
+    here and reported there. Video URLs only where videos can be decoded: else nothing is fetched
+    and ``parse_chat`` answers what to send instead."""
+    from engine.video_decode import available
+
+    kinds = ("image_url", "video_url") if available() else ("image_url",)
     found = []
     for m_index, msg in enumerate(messages if isinstance(messages, list) else []):
         content = msg.get("content") if isinstance(msg, dict) else None
         for p_index, part in enumerate(content if isinstance(content, list) else []):
-            if not isinstance(part, dict) or part.get("type") != "image_url":
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in kinds:
                 continue
             where = f"messages[{m_index}].content[{p_index}]"
             try:
-                url = _image_url_of(part, where)
+                url = _url_of(part, kind, where)
             except ValueError:
                 continue
             if isinstance(url, str) and url_scheme(url) in ("http", "https"):
-                found.append((url, f"{where}.image_url"))
+                found.append((url, f"{where}.{kind}"))
     return found
 
 

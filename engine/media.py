@@ -1,4 +1,5 @@
-"""Loading images named by URL: ``data:`` base64, ``http(s)://`` and ``file://``, with bounds.
+"""Loading images (and videos) named by URL: ``data:`` base64, ``http(s)://`` and ``file://``, with
+bounds. Videos get the same URL rules and byte limit, then ``engine.video_decode`` (PyAV, optional).
 
 The offline ``LLM.chat`` and the server use this one loader. Every untrusted input is bounded:
 bytes downloaded or decoded, decoded pixels, total fetch time, URL schemes, remote domains (when
@@ -45,6 +46,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     import httpx
+
+    from engine.video_decode import VideoLimits
 
 DEFAULT_FETCH_TIMEOUT = 5.0
 # Decoded pixels, width * height. One RGB image costs 3 bytes a pixel, plus PIL's and the image
@@ -118,6 +121,7 @@ class MediaConfig:
     # Fetch from hosts that are or resolve to non-public addresses (internal image hosts, tests).
     # None: $VLMSERVE_ALLOW_PRIVATE_MEDIA_URLS, default off.
     allow_private_media_urls: bool | None = None
+    video_limits: VideoLimits | None = None  # None: engine.video_decode.VideoLimits()
 
 
 class MediaLoader:
@@ -143,18 +147,38 @@ class MediaLoader:
 
     def load_image(self, url: Any, what: str = "image_url") -> Any:
         """A PIL RGB image from a URL string; raises MediaError naming ``what`` on any problem."""
+        return self._load(url, what, self.decode_image)
+
+    def load_video(self, url: Any, what: str = "video_url") -> dict[str, Any]:
+        """``{"frames": uint8 (T, H, W, 3), "fps": float}`` from a video URL string (the URL rules
+        of images), frames sampled and bounded by ``engine.video_decode``; MediaError naming
+        ``what``. Without PyAV it refuses before fetching anything."""
+        from engine import video_decode
+
+        if not video_decode.available():
+            raise video_decode.unavailable_error(what)
+
+        def decode(data: bytes, what: str) -> dict[str, Any]:
+            if len(data) > self.config.max_bytes:
+                raise MediaError(f"{what}: {len(data)} bytes exceeds the limit of {self.config.max_bytes}", 413)
+            return video_decode.decode_video(data, what, self.config.video_limits, self._reserve_pixels)
+
+        return self._load(url, what, decode)
+
+    def _load(self, url: Any, what: str, decode: Callable[[bytes, str], T]) -> T:
+        """``decode(bytes, what)`` of the media a URL names, by scheme."""
         if not isinstance(url, str) or not url:
             raise MediaError(f"{what}: expected a URL string")
         scheme = url_scheme(url)
         if scheme == "data":
             data = self._decode_data_url(url, what)
         elif scheme in ("http", "https"):
-            return self._decode_fetched(self._fetch(url, what), url, what)
+            return self._decode_fetched(self._fetch(url, what), url, what, decode)
         elif scheme == "file":
             data = self._read_local(url, what)
         else:
             raise MediaError(f"{what}: unsupported URL scheme {scheme or url[:16]!r}; use data:, http(s):// or file://")
-        return self.decode_image(data, what)
+        return decode(data, what)
 
     def decode_image(self, data: bytes, what: str = "image") -> Any:
         """Decode encoded image bytes fully (so truncation is caught here), bounded in pixels."""
@@ -177,12 +201,13 @@ class MediaLoader:
         except Exception as exc:  # PIL raises many types for corrupt or truncated data
             raise MediaError(f"{what}: cannot decode image ({_pil_problem(exc)})") from exc
 
-    def _decode_fetched(self, data: bytes, url: str, what: str) -> Any:
+    def _decode_fetched(self, data: bytes, url: str, what: str,
+                        decode: Callable[[bytes, str], T] | None = None) -> Any:
         """Decode downloaded bytes. An answer that is no image reads as any other fetch failure
         (else an open port that answers tells itself apart from a closed one); the pixel limit
         keeps its 413, as only a real image gets that far, which a successful fetch shows too."""
         try:
-            return self.decode_image(data, what)
+            return (decode or self.decode_image)(data, what)
         except MediaError as exc:
             if exc.status == 413:
                 raise
@@ -205,7 +230,7 @@ class MediaLoader:
     def _decode_data_url(self, url: str, what: str) -> bytes:
         header, sep, payload = url.partition(",")
         if not sep or ";base64" not in header:
-            raise MediaError(f"{what}: a data URL must look like data:image/png;base64,...")
+            raise MediaError(f"{what}: a data URL must look like data:image/png;base64,... (or data:video/mp4;base64,...)")
         if len(payload) > self.config.max_bytes * 4 // 3 + 4:
             raise MediaError(f"{what}: encoded image exceeds the limit of {self.config.max_bytes} bytes", 413)
         try:

@@ -233,6 +233,19 @@ class VLMModel(kserve.Model):
             raise PromptError(f"{what}: {count} images were given but at most {limit} image(s) may be provided "
                               f"in one prompt (--limit-mm-per-prompt image={limit})", what, "too_many_images")
 
+    def check_video_count(self, count: int, what: str) -> None:
+        """``check_image_count`` for videos (``video_url`` parts)."""
+        if not count:
+            return
+        mm = getattr(self.llm.processor, "mm_processor", None)
+        if mm is None or not mm.video_placeholder_text:
+            raise PromptError(f"{what}: {count} video(s) were given but the model `{self.name}` takes no video",
+                              what, "too_many_videos")
+        limit = mm.limits.get("video")
+        if limit is not None and count > limit:
+            raise PromptError(f"{what}: {count} videos were given but at most {limit} video(s) may be provided "
+                              f"in one prompt (--limit-mm-per-prompt video={limit})", what, "too_many_videos")
+
     @property
     def has_chat_template(self) -> bool:
         return bool(self.chat_template or getattr(self.llm.tokenizer, "chat_template", None))

@@ -56,6 +56,7 @@ from runtime.openai_protocol import (
     TokenLogprob,
     TopLogprob,
     UsageInfo,
+    VideoContentPart,
 )
 
 
@@ -296,11 +297,12 @@ class OpenAIDataPlane:
 
     @staticmethod
     def _check_images(model: VLMModel, req: ChatCompletionRequest | EmbeddingRequest) -> None:
-        """Refuse more images than the model takes per prompt before any is downloaded or decoded."""
-        count = sum(1 for m in req.messages or () if isinstance(m.content, list)
-                    for p in m.content if isinstance(p, ImageContentPart))
+        """Refuse more images or videos than the model takes per prompt before any is downloaded
+        or decoded."""
+        parts = [p for m in req.messages or () if isinstance(m.content, list) for p in m.content]
         try:
-            model.check_image_count(count, "messages")
+            model.check_image_count(sum(isinstance(p, ImageContentPart) for p in parts), "messages")
+            model.check_video_count(sum(isinstance(p, VideoContentPart) for p in parts), "messages")
         except PromptError as exc:
             raise _from_value_error(exc) from exc
 

@@ -50,7 +50,18 @@ class ImageContentPart(OpenAIBaseModel):
     image_url: ImageURL
 
 
-ContentPart = Annotated[TextContentPart | ImageContentPart, Field(discriminator="type")]
+class VideoURL(OpenAIBaseModel):
+    url: str
+
+
+class VideoContentPart(OpenAIBaseModel):
+    """vLLM's ``{"type": "video_url", "video_url": {"url": ...}}`` (decoded by engine.video_decode)."""
+
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+ContentPart = Annotated[TextContentPart | ImageContentPart | VideoContentPart, Field(discriminator="type")]
 
 
 class ChatMessage(OpenAIBaseModel):
@@ -71,16 +82,16 @@ class ChatMessage(OpenAIBaseModel):
             if not isinstance(part, dict):
                 raise ValueError(f"content[{i}]: must be an object such as {{\"type\": \"text\", \"text\": ...}}")
             kind = part.get("type")
-            if kind not in ("text", "image_url"):
+            if kind not in ("text", "image_url", "video_url"):
                 raise ValueError(f"content[{i}].type: unsupported content part type {kind!r}; "
-                                 "use 'text' or 'image_url'")
-            if kind == "image_url":
-                ref = part.get("image_url")
+                                 "use 'text', 'image_url' or 'video_url'")
+            if kind in ("image_url", "video_url"):
+                ref = part.get(kind)
                 if isinstance(ref, str):
-                    raise ValueError(f"content[{i}].image_url: must be an object {{\"url\": \"...\"}}, "
+                    raise ValueError(f"content[{i}].{kind}: must be an object {{\"url\": \"...\"}}, "
                                      "not a bare string")
                 if not isinstance(ref, dict) or not isinstance(ref.get("url"), str):
-                    raise ValueError(f"content[{i}].image_url: must be an object with a string 'url'")
+                    raise ValueError(f"content[{i}].{kind}: must be an object with a string 'url'")
         return content
 
 

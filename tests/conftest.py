@@ -94,3 +94,24 @@ def tiny_qwen2_large(tmp_path_factory) -> Path:
         tiny_models.build_tiny_model, out, "large", arch="qwen2", num_attention_heads=4, num_key_value_heads=2,
         tie_word_embeddings=True, seed=2,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny Qwen2-VL served by `vlmserve serve` (tests/qwen2_vl_serve.py), shared by several modules
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def served_qwen2_vl(tmp_path_factory) -> Path:
+    import qwen2_vl_serve
+
+    return qwen2_vl_serve.build(tmp_path_factory.mktemp("served_qwen2_vl"))
+
+
+@pytest.fixture(scope="session")
+def qwen2_vl_servers(served_qwen2_vl, tmp_path_factory):
+    """{"generate": CliServer, "embedding": CliServer} on ``served_qwen2_vl`` (qwen2_vl_serve)."""
+    import qwen2_vl_serve
+
+    with qwen2_vl_serve.start(served_qwen2_vl, tmp_path_factory.mktemp("qwen2_vl_serve_logs")) as servers:
+        yield servers

@@ -11,6 +11,8 @@ Public API:
   ``url``, ``port``, ``grpc_port``, ``wait_ready()`` (polls /v2/health/ready; ``saw_not_ready``
   tells whether it answered "not ready" meanwhile), ``tail()`` and ``stop()``. Test modules
   subclass it for their own command line and helpers.
+* ``CliServer(model_dir, log_path, flags)`` -> ``vlmserve serve MODEL_DIR <flags>`` (the CLI entry
+  point, as the guide's commands run it), fp32 on the CPU, without gRPC.
 * ``post_and_hang_up(url, path, body, until, headers=None)``: a client that gives up on a
   non-streaming request once ``until()`` holds (e.g. the server counts it as running).
 * ``running(server, make_offline=None)`` -> context manager for a module fixture: sets
@@ -114,6 +116,21 @@ class ServerProcess:
             self.proc.kill()
             self.proc.wait(10)
         self.log.close()
+
+
+class CliServer(ServerProcess):
+    """``vlmserve serve MODEL_DIR <flags>`` (the CLI entry point), fp32 on the CPU, no gRPC."""
+
+    def __init__(self, model_dir: Path, log_path: Path, flags: Sequence[str]) -> None:
+        self.port, self.grpc_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        cmd = [sys.executable, "-c", "import sys; from runtime.cli import main; sys.exit(main())",
+               "serve", str(model_dir), *flags, "--host", "127.0.0.1", "--port", str(self.port),
+               "--disable-grpc", "--dtype", "float32", "--device", "cpu"]
+        self.log = open(log_path, "w")  # noqa: SIM115 (closed in stop())
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=server_env(), stdout=self.log, stderr=subprocess.STDOUT)
+        self.saw_not_ready = False
 
 
 @contextlib.contextmanager

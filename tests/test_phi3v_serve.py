@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import base64
 import io
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import openai
 import pytest
 import requests
 import torch
-from server_harness import REPO, ServerProcess, free_port, running, server_env
+from server_harness import REPO, CliServer, running
 
 import tiny_phi3v
 from engine import LLM
@@ -38,19 +35,7 @@ def data_url(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-class VlmserveServe(ServerProcess):
-    """``vlmserve serve MODEL_DIR <guide flags>`` (the CLI entry point), fp32 on the CPU."""
-
-    def __init__(self, model_dir: Path, log_path: Path, flags: list[str]) -> None:
-        self.port, self.grpc_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        cmd = [sys.executable, "-c", "import sys; from runtime.cli import main; sys.exit(main())",
-               "serve", str(model_dir), *flags, "--host", "127.0.0.1", "--port", str(self.port),
-               "--disable-grpc", "--dtype", "float32", "--device", "cpu"]
-        self.log = open(log_path, "w")  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=server_env(), stdout=self.log, stderr=subprocess.STDOUT)
-        self.saw_not_ready = False
+VlmserveServe = CliServer  # ``vlmserve serve MODEL_DIR <guide flags>``, fp32 on the CPU
 
 
 @pytest.fixture(scope="module", autouse=True)

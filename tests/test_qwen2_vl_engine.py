@@ -5,7 +5,7 @@ text only, one image, several images of mixed sizes, precomputed image embedding
 with HF's own vision tower), a batch mixing all of these, prefix-cache hits (and the absence of
 hits on blocks holding a different image), the encoder cache, chunked prefill cutting through
 an image, preemption, and the input errors (limit_mm_per_prompt, corrupt images, placeholder
-count mismatches, video not supported yet) — in the offline and the async engine.
+count mismatches, video URLs without a decoder) — in the offline and the async engine.
 
 The equality tests run at two weight scales (``weight_scale``: the builder's tiny init and HF's
 init at std 0.2, where vision features and positions move the logits far more); the tests that
@@ -395,13 +395,17 @@ def test_placeholder_count_mismatch_raises(llm, hf, image_processor):
 
 
 @tiny_only
-def test_video_not_supported_yet(llm):
-    # Videos given as frames work (tests/test_qwen_video.py); video URLs cannot be decoded yet.
+def test_video_url_without_a_decoder_says_what_to_send(llm, monkeypatch):
+    # Video URLs need PyAV (tests/test_video_url.py); without it the error says what to send
+    # instead, before anything is fetched (the URL's host does not exist).
+    from engine import video_decode
+
+    monkeypatch.setattr(video_decode, "available", lambda: False)
     messages = [{"role": "user", "content": [
-        {"type": "video_url", "video_url": {"url": "https://example.com/clip.mp4"}},
+        {"type": "video_url", "video_url": {"url": "https://video-host.invalid/clip.mp4"}},
         {"type": "text", "text": "What happens?"},
     ]}]
-    with pytest.raises(ValueError, match="video URLs are not supported yet"):
+    with pytest.raises(ValueError, match=r"content\[0\]\.video_url: .*PyAV is not installed.*image_url parts"):
         llm.chat(messages, GREEDY, use_tqdm=False)
     assert_nothing_queued(llm)
 

@@ -3,8 +3,9 @@
 ``<|image_pad|>`` / ``<|video_pad|>`` expands to t*h*w / merge^2 tokens per item (from its grid),
 and M-RoPE positions are computed for the expanded prompt.
 
-Images: a PIL image, or precomputed embeddings ``{"image_embeds": [rows, hidden],
-"image_grid_thw": [n, 3]}`` — which counts as ``n`` images (rows split by grid, as vLLM does).
+Images: a PIL image, or precomputed embeddings ``{"image_embeds": [rows, hidden] or [n,
+feature_size, hidden], "image_grid_thw": [n, 3]}`` — which counts as ``n`` images (rows split by
+grid, as vLLM does; the 3-D form holds images of one size).
 A PIL image is only converted to RGB and resized here (``engine.mm_processors.qwen2_vl_resize``,
 with the model folder's HF image processor settings); its feature data is ``{"image_u8": uint8
 [h, w, 3], "image_grid_thw": [[1, h/p, w/p]]}`` and the model runner turns it into HF's
@@ -149,13 +150,15 @@ class Qwen2VLProcessor(MultiModalProcessor):
             raise ValueError(f"{where}: {grid_key} must have shape (n, 3), got {tuple(grid.shape)}")
         if (grid <= 0).any():
             raise ValueError(f"{where}: {grid_key} entries must be positive, got {grid.tolist()}")
+        counts = [int(g.prod()) // self.merge**2 for g in grid]
         if embeds.dim() == 3 and embeds.shape[0] == 1:
-            embeds = embeds[0]
+            embeds = embeds[0]  # a batch of one: (1, total_feature_size, hidden)
+        if embeds.dim() == 3:
+            embeds = self._flatten_stacked(embeds, counts, where, key, grid_key)
         if embeds.dim() != 2 or not embeds.is_floating_point():
             raise ValueError(f"{where}: {key} must be a floating-point (rows, hidden) tensor, got {tuple(embeds.shape)} {embeds.dtype}")
         if embeds.shape[1] != self.lm_hidden:
             raise ValueError(f"{where}: {key} has hidden size {embeds.shape[1]}, the model's is {self.lm_hidden}")
-        counts = [int(g.prod()) // self.merge**2 for g in grid]
         if embeds.shape[0] != sum(counts):
             raise ValueError(
                 f"{where}: {key} has {embeds.shape[0]} rows but {grid_key} {grid.tolist()} implies {sum(counts)}"
@@ -172,6 +175,26 @@ class Qwen2VLProcessor(MultiModalProcessor):
             out.append(part)
             start += c
         return out
+
+    @staticmethod
+    def _flatten_stacked(
+        embeds: torch.Tensor, counts: list[int], where: str, key: str, grid_key: str
+    ) -> torch.Tensor:
+        """(num_items, feature_size, hidden) -> (num_items * feature_size, hidden), the rows of
+        the items one after another (vLLM's multi-image form). One tensor holds items of one
+        size only: each grid row must give feature_size tokens."""
+        n, size = embeds.shape[0], embeds.shape[1]
+        if n != len(counts):
+            raise ValueError(
+                f"{where}: {key} holds num_images={n} items (its first dimension) but {grid_key} has "
+                f"{len(counts)} rows; give one grid row per item"
+            )
+        if any(c != size for c in counts):
+            raise ValueError(
+                f"{where}: {key} has feature_size {size} per item but {grid_key} implies {counts}; items "
+                f"of different sizes go as one (total_feature_size, hidden) tensor of their rows concatenated"
+            )
+        return embeds.reshape(n * size, embeds.shape[2])
 
     def _seconds_per_grid(self, item: dict[str, Any], n: int, where: str) -> list[float]:
         """second_per_grid_ts of the n videos of a dict item: given, from its fps, or the default fps."""
@@ -209,6 +232,13 @@ class Qwen2VLProcessor(MultiModalProcessor):
             grid = torch.as_tensor(item["image_grid_thw"]).reshape(-1)[:3].long()
             embeds = torch.as_tensor(item["image_embeds"])
             return {"image_embeds": embeds}, grid, hash_item(item)
+        if torch.is_tensor(item) or isinstance(item, np.ndarray):
+            # Qwen2-VL's positions (M-RoPE) and placeholder counts come from each image's grid.
+            raise ValueError(
+                f"multi_modal_data: image {index}: image embeddings need their grids; pass "
+                "{'image_embeds': (num_images, feature_size, hidden) or (total_feature_size, hidden), "
+                "'image_grid_thw': (num_images, 3)}"
+            )
         if not _is_pil(item):
             raise ValueError(
                 f"multi_modal_data: image {index}: expected a PIL image or an image_embeds dict, got {type(item).__name__}"
