@@ -638,6 +638,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="default: bench/results/serve_bench_<device>.json")
     p.add_argument("--append", action="store_true", help="add the runs to an existing --out file")
+    p.add_argument("--server-pid", type=int, default=None,
+                   help="with --url: the server's process, whose CPU (and its children's) each run reports")
     p.add_argument("--tiny", action="store_true",
                    help="CPU check: tiny Qwen2-VL in a temp folder, 16 requests, concurrency 1,8, 16 tokens")
     args = p.parse_args(argv)
@@ -737,10 +739,11 @@ def main(argv: list[str] | None = None) -> int:
                 base = args.seed * 10_000_000 + run_no * 100_000  # distinct images in every run
                 seeds, warm = [base + i for i in range(n)], [base + 90_000 + i for i in range(args.warmup)]
                 log(f"{args.server} {route} concurrency {conc}: {n} requests, {procs} client process(es)")
-                cpu0 = tree_cpu(server.proc.pid) if server else {}
+                server_pid = server.proc.pid if server else args.server_pid
+                cpu0 = tree_cpu(server_pid) if server_pid else {}
                 result = run_load_procs(url, w, seeds, warm, conc, procs, grpc_target=grpc_target or "",
                                         timeout=args.request_timeout)
-                cpu1 = tree_cpu(server.proc.pid) if server else {}
+                cpu1 = tree_cpu(server_pid) if server_pid else {}
                 for f in image_dir.iterdir():
                     f.unlink()
                 run = {"server": args.server, "route": route, "concurrency": conc,
@@ -749,9 +752,12 @@ def main(argv: list[str] | None = None) -> int:
                        "image_format": args.image_format, "image_source": source, "warmup": args.warmup,
                        "server_args": args.server_args, "commit": git_commit(),
                        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-                if server:  # the warm-up requests are inside this window too: counted as requests
+                if server_pid:  # the warm-up requests are inside this window too: counted as requests
                     run["server_cpu"] = server_cpu(cpu0, cpu1, max(result.wall_s), run["requests"] + len(warm),
                                                    run["out_tokens"] + len(warm) * args.output_len)
+                    log("  server CPU: " + ", ".join(f"{name} x{v['procs']}: {v['cores']} cores, "
+                                                     f"{v['ms_per_request']} ms/request"
+                                                     for name, v in run["server_cpu"].items()))
                 runs.append(run)
                 log(f"  {run['out_tok_per_s']:.1f} out tok/s, {run['errors']} errors, "
                     f"TTFT p50 {run['ttft_ms']['p50']} ms, client cpu {run['client_cpu']}")

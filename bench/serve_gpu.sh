@@ -36,7 +36,8 @@ wait_ready() {  # URL PATH SECONDS
 bench() {  # server-name url extra-args...: one serve_bench call per (route, concurrency, requests)
     local name=$1 url=$2; shift 2
     python3 bench/serve_bench.py --url "$url" "$@" --out "$RESULTS" --append --output-len 128 \
-        --image-size 448 --image-format png --served-model-name w1 --server "$name" 2>&1 | tail -n 12
+        --image-size 448 --image-format png --served-model-name w1 --server "$name" \
+        ${SERVER_PID:+--server-pid "$SERVER_PID"} 2>&1 | tail -n 12
     cp "$RESULTS" /tmp/serve.json
 }
 
@@ -56,6 +57,7 @@ vlmserve)
     t0=$(date +%s)
     wait_ready http://127.0.0.1:8000 /v2/health/ready 300 || { tail -n 40 "$OUT/vlmserve.log"; exit 1; }
     echo "vlmserve ready after $(( $(date +%s) - t0 )) s"
+    export SERVER_PID=$pid  # serve_bench reports the CPU of the server's processes
     bench vlmserve http://127.0.0.1:8000 --grpc-target 127.0.0.1:8081 --routes openai-chat --concurrency 512 --num-requests 512
     bench vlmserve http://127.0.0.1:8000 --grpc-target 127.0.0.1:8081 --routes openai-chat,v2-stream,grpc-stream --concurrency 64 --num-requests 256
     bench vlmserve http://127.0.0.1:8000 --grpc-target 127.0.0.1:8081 --routes openai-chat --concurrency 1 --num-requests 16
@@ -96,6 +98,7 @@ vllm)
     t0=$(date +%s)
     wait_ready http://127.0.0.1:8001 /health 400 || { tail -n 60 "$OUT/vllm.log"; exit 1; }
     echo "vllm ready after $(( $(date +%s) - t0 )) s"
+    export SERVER_PID=$pid
     ours_env  # the client's packages (the bench imports none of vLLM's)
     bench vllm http://127.0.0.1:8001 --routes openai-chat --concurrency 512 --num-requests 512
     bench vllm http://127.0.0.1:8001 --routes openai-chat --concurrency 64 --num-requests 256
