@@ -13,13 +13,12 @@ import pytest
 import torch
 
 import tiny_minicpmv
-from engine import LLM, SamplingParams
+from engine import SamplingParams
+from guide_model_helpers import BLOCK, MAX_NEW, assert_idle, expected, make_llm, mm, one_thread  # noqa: F401 (fixture)
 from engine.loader import iterate_weights
 from engine.mm_processors.minicpmv_slicing import SliceConfig, num_slices, placeholder_text, slice_images_u8
 
-MAX_NEW = 8
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW)
-BLOCK = 16
 TAG = "(<image>./</image>)"
 
 IMG_A = tiny_minicpmv.random_image(400, 600, seed=1)  # 2x1 slices + overview
@@ -33,19 +32,6 @@ def prompt(question: str, num_images: int) -> str:
             f"<|im_start|>user\n{tags}{question}<|im_end|>\n<|im_start|>assistant\n")
 
 
-def mm(images: list) -> dict:
-    return {"multi_modal_data": {"image": images}} if images else {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only add spin-waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module", params=[0.02, 0.2], ids=["scale0.02", "scale0.2"])
 def model_dir(request, tmp_path_factory):
     return tiny_minicpmv.build_tiny_minicpmv(tmp_path_factory.mktemp("tiny_minicpmv"), scale=request.param)
@@ -56,31 +42,9 @@ def oracle(model_dir):
     return tiny_minicpmv.Oracle(model_dir)
 
 
-def make_llm(model_dir, **kwargs) -> LLM:
-    args = dict(trust_remote_code=True, max_model_len=4096, limit_mm_per_prompt={"image": 2},
-                dtype="float32", device="cpu", seed=0, block_size=BLOCK)
-    args.update(kwargs)
-    return LLM(model=str(model_dir), **args)
-
-
 @pytest.fixture(scope="module")
 def llm(model_dir):
     return make_llm(model_dir)
-
-
-_MEMO: dict[tuple, list[int]] = {}
-
-
-def expected(oracle, text: str, images: list) -> list[int]:
-    key = (str(oracle.dir), text, tuple(id(i) for i in images))
-    if key not in _MEMO:
-        _MEMO[key] = oracle.greedy(text, images, MAX_NEW)
-    return _MEMO[key]
-
-
-def assert_idle(llm: LLM) -> None:
-    bm = llm.core.block_manager
-    assert not llm.core.has_unfinished() and bm.num_free_blocks == bm.num_usable_blocks
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,12 +13,11 @@ import torch
 
 import tiny_phi3v
 from engine import LLM, SamplingParams
+from guide_model_helpers import BLOCK, MAX_NEW, assert_idle, expected, make_llm, mm, one_thread  # noqa: F401 (fixture)
 from engine.loader import iterate_weights
 from engine.mm_processors.phi3v_pixels import hd_image_u8, hd_size, num_image_tokens
 
-MAX_NEW = 8
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW)
-BLOCK = 16
 SYSTEM = "<|system|>\nYou are a helpful assistant who looks at pictures carefully.<|end|>\n"
 
 IMG_A = tiny_phi3v.random_image(200, 500, seed=1)  # landscape: 2 crops across (num_crops=4)
@@ -31,19 +30,6 @@ def prompt(question: str, num_images: int) -> str:
     return f"{SYSTEM}<|user|>\n{tags}{question}<|end|>\n<|assistant|>\n"
 
 
-def mm(images: list) -> dict:
-    return {"multi_modal_data": {"image": images}} if images else {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only add spin-waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module", params=[0.02, 0.2], ids=["scale0.02", "scale0.2"])
 def phi3v_dir(request, tmp_path_factory):
     return tiny_phi3v.build_tiny_phi3v(tmp_path_factory.mktemp("tiny_phi3v"), scale=request.param, seed=0)
@@ -54,32 +40,9 @@ def oracle(phi3v_dir):
     return tiny_phi3v.Oracle(phi3v_dir)
 
 
-def make_llm(model_dir, **kwargs) -> LLM:
-    # The guide's arguments, plus what makes the comparison exact (fp32 on the CPU).
-    args = dict(trust_remote_code=True, max_model_len=4096, limit_mm_per_prompt={"image": 2},
-                dtype="float32", device="cpu", seed=0, block_size=BLOCK)
-    args.update(kwargs)
-    return LLM(model=str(model_dir), **args)
-
-
 @pytest.fixture(scope="module")
 def llm(phi3v_dir):
     return make_llm(phi3v_dir)
-
-
-_MEMO: dict[tuple, list[int]] = {}
-
-
-def expected(oracle, text: str, images: list) -> list[int]:
-    key = (str(oracle.dir), text, tuple(id(i) for i in images))
-    if key not in _MEMO:
-        _MEMO[key] = oracle.greedy(text, images, MAX_NEW)
-    return _MEMO[key]
-
-
-def assert_idle(llm: LLM) -> None:
-    bm = llm.core.block_manager
-    assert not llm.core.has_unfinished() and bm.num_free_blocks == bm.num_usable_blocks
 
 
 # ---------------------------------------------------------------------------------------------
