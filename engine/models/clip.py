@@ -85,12 +85,13 @@ class CLIPAttention(nn.Module):
         self.v_proj = nn.Linear(self.embed_dim, self.embed_dim)
         self.out_proj = nn.Linear(self.embed_dim, self.embed_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [B, T, D]; full (non-causal) attention within each image
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # x: [B, T, D]; full (non-causal) attention within each image; key_mask: [B, 1, 1, T] bool
+        # (True = a real patch) where images of several sizes are padded into one batch (SigLIP)
         b, t, _ = x.shape
         q, k, v = (p(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
-        o = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # [B, H, T, Dh]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=self.scale)  # [B, H, T, Dh]
         return self.out_proj(o.transpose(1, 2).reshape(b, t, self.embed_dim))
 
 
@@ -114,8 +115,8 @@ class CLIPEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=eps)
         self.mlp = CLIPMLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), key_mask)
         return x + self.mlp(self.layer_norm2(x))
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.layers import activation
+from engine.models.clip import CLIPEncoderLayer
 
 __all__ = ["NavitSiglipVisionModel", "navit_position_ids"]
 
@@ -43,52 +43,6 @@ def navit_position_ids(grid_h: int, grid_w: int, side: int) -> torch.Tensor:
     return (rows[:, None] * side + cols).flatten()
 
 
-class SiglipAttention(nn.Module):
-    def __init__(self, config: Any) -> None:
-        super().__init__()
-        self.embed_dim = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.head_dim = self.embed_dim // self.num_heads
-        if self.head_dim * self.num_heads != self.embed_dim:
-            raise ValueError(f"siglip: hidden_size {self.embed_dim} is not divisible by {self.num_heads} heads")
-        self.q_proj = nn.Linear(self.embed_dim, self.embed_dim)
-        self.k_proj = nn.Linear(self.embed_dim, self.embed_dim)
-        self.v_proj = nn.Linear(self.embed_dim, self.embed_dim)
-        self.out_proj = nn.Linear(self.embed_dim, self.embed_dim)
-
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        # x: [B, T, D]; key_mask: [B, 1, 1, T] bool (True = a real patch) or None
-        b, t, _ = x.shape
-        q, k, v = (p(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=self.head_dim**-0.5)
-        return self.out_proj(o.transpose(1, 2).reshape(b, t, self.embed_dim))
-
-
-class SiglipMLP(nn.Module):
-    def __init__(self, config: Any) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.act = activation(config.hidden_act)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class SiglipEncoderLayer(nn.Module):
-    def __init__(self, config: Any) -> None:
-        super().__init__()
-        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.self_attn = SiglipAttention(config)
-        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = SiglipMLP(config)
-
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x), key_mask)
-        return x + self.mlp(self.layer_norm2(x))
-
-
 class SiglipEmbeddings(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -102,7 +56,9 @@ class SiglipEmbeddings(nn.Module):
 class SiglipEncoder(nn.Module):
     def __init__(self, config: Any, num_layers: int) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(SiglipEncoderLayer(config) for _ in range(num_layers))
+        # SigLIP's encoder layer is CLIP's: the same weights and arithmetic, with a key mask
+        # for the padding of a batch of images of several sizes.
+        self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(num_layers))
 
 
 class NavitSiglipVisionModel(nn.Module):
