@@ -7,12 +7,13 @@ private torchvision on ``PYTHONPATH``. Here, with torchvision importable:
 * ``AutoImageProcessor.from_pretrained(model_dir)`` (HF's default) must pick the torchvision
   backend; its ``pixel_values`` are recorded per image, and for all the images in one call (HF
   groups same-size images into one resize);
+* HF's video processor (``AutoVideoProcessor``, torchvision only) on a few frame lists;
 * HF ``generate`` (greedy) on each prompt, with that processor;
 * the engine with default settings (no ``mm_processor_kwargs``): its greedy tokens, and whether it
   chose the fast path, so that the parent can check it follows HF's rule.
 
 Usage: ``python hf_fast_reference.py SPEC_JSON OUT_PT``; SPEC: {"model_dir", "images": [[h, w,
-seed], ...], "prompts": [[image indices], ...], "max_tokens"}.
+seed], ...], "videos": [[frames, h, w, seed], ...], "prompts": [[image indices], ...], "max_tokens"}.
 
 The PyPI torchvision wheel is a CUDA build: against a CPU-only torch its C extension (detection
 ops such as ``nms``) does not load, and ``import torchvision`` then fails while registering fake
@@ -60,6 +61,14 @@ def main(spec_path: str, out_path: str) -> None:
     ip = AutoImageProcessor.from_pretrained(model_dir)  # HF's default choice, as users run it
     pixels = [ip(images=[im], return_tensors="pt")["pixel_values"] for im in images]
     batch = ip(images=images, return_tensors="pt")["pixel_values"]
+    from transformers import AutoVideoProcessor
+
+    vp = AutoVideoProcessor.from_pretrained(model_dir)  # HF's only Qwen2-VL video processor: torchvision
+    videos = []
+    for frames, h, w, seed in spec.get("videos", []):
+        video = [tiny_vlm.random_image(h, w, seed + i) for i in range(frames)]
+        o = vp(videos=[video], return_tensors="pt", cap_pixels_per_frame=False)
+        videos.append((o["pixel_values_videos"], o["video_grid_thw"]))
 
     from engine import LLM, SamplingParams
 
@@ -83,6 +92,8 @@ def main(spec_path: str, out_path: str) -> None:
             "hf_backend": getattr(ip, "backend", type(ip).__name__),
             "pixel_values": pixels,
             "batch_pixel_values": batch,
+            "video_processor": type(vp).__name__,
+            "videos": videos,
             "hf_tokens": hf_tokens,
             "engine_tokens": engine_tokens,
             "prompt_ids": prompt_ids,
