@@ -13,7 +13,8 @@ holds one):
 
 * (a) pixels: the engine with ``use_fast=True`` (no torchvision here) gives HF's fast
   ``pixel_values`` exactly, for images resized and not, alone and batched with same-size ones;
-  its greedy tokens equal HF's (fast processor) on a tiny Qwen2-VL at initializer_range 0.2;
+  its greedy tokens equal HF's (fast processor) on a tiny Qwen2-VL at initializer_range 0.2,
+  where the PIL path's do not (0 of 3); video frames equal HF's (torchvision-only) video processor;
 * (b) issue 15's repro: in the torchvision environment, HF's default processor and the engine's
   default settings give equal greedy tokens on 3 of 3 image prompts;
 * here, without torchvision, the default stays the PIL path (HF's choice here), and
