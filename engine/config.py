@@ -47,6 +47,9 @@ class ModelConfig:
     enforce_eager: bool = False  # CUDA: no CUDA graphs for decode-only steps
     # (height, width) of the images whose vision passes are warmed up at start (engine.warmup).
     warmup_image_sizes: tuple[tuple[int, int], ...] = ()
+    # vLLM's mm_processor_kwargs; only use_fast is honoured: HF's fast (torchvision-backend) image
+    # processor arithmetic or the PIL one (engine.mm_processors.qwen2_vl_fast). {}: HF's own choice.
+    mm_processor_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_pooling(self) -> bool:
@@ -131,6 +134,10 @@ class EngineArgs:
     # Image sizes (height, width) whose vision passes are captured at start, so the first burst of
     # such images runs at full speed (engine.warmup; CUDA graphs only). () or None: none.
     warmup_image_sizes: tuple[tuple[int, int], ...] | None = ((448, 448),)
+    # vLLM's mm_processor_kwargs. Only {"use_fast": bool} is supported: which of HF's two image
+    # processors (fast = torchvision backend, else PIL) the engine reproduces; unset, the one HF's
+    # AutoImageProcessor picks in this environment (fast where torchvision is installed).
+    mm_processor_kwargs: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def media_config(self) -> "MediaConfig":
@@ -176,6 +183,9 @@ class EngineArgs:
             allow_private_from_env()
         if self.cpu_kv_cache_space <= 0:
             raise ValueError(f"cpu_kv_cache_space: must be positive GiB, got {self.cpu_kv_cache_space}")
+        from engine.mm_processors.qwen2_vl_fast import check_mm_processor_kwargs
+
+        check_mm_processor_kwargs(self.mm_processor_kwargs)
 
     def create_engine_config(self) -> EngineConfig:
         from engine.hf_configs import load_hf_config
@@ -219,6 +229,7 @@ class EngineArgs:
             pooling_type=str(self.pooling_type or "LAST").upper(),
             enforce_eager=bool(self.enforce_eager),
             warmup_image_sizes=tuple((int(h), int(w)) for h, w in (self.warmup_image_sizes or ())),
+            mm_processor_kwargs=dict(self.mm_processor_kwargs or {}),
         )
         cache = CacheConfig(
             block_size=self.block_size,

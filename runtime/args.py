@@ -40,6 +40,7 @@ _ENGINE_FIELDS = (
     "cpu_kv_cache_space", "num_gpu_blocks_override", "seed", "trust_remote_code", "attention_backend",
     "allowed_local_media_path", "max_image_bytes", "max_image_pixels", "max_request_image_pixels", "task",
     "pooling_type", "enforce_eager", "async_scheduling", "warmup_image_sizes", "allow_private_media_urls",
+    "mm_processor_kwargs",
 )
 
 
@@ -90,6 +91,20 @@ def parse_limit_mm_per_prompt(value: str) -> dict[str, int]:
         else:
             raise argparse.ArgumentTypeError(f"{key}: the count must be a non-negative integer, got {num!r}")
     return limits
+
+
+def parse_mm_processor_kwargs(value: str) -> dict[str, Any]:
+    """vLLM's ``--mm-processor-kwargs`` JSON object, e.g. ``'{"use_fast": false}'`` (validated)."""
+    from engine.mm_processors.qwen2_vl_fast import check_mm_processor_kwargs
+
+    try:
+        raw = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
+    try:
+        return check_mm_processor_kwargs(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _bounded(cast: Callable[[str], Any], ok: Callable[[Any], bool],
@@ -161,6 +176,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--limit-mm-per-prompt", type=parse_limit_mm_per_prompt, default=None, metavar="SPEC",
                    help="most multimodal items per prompt: image=2,video=1 or JSON '{\"image\": 2}' "
                         f"(default: image={DEFAULT_IMAGES_PER_PROMPT}); more -> 400")
+    g.add_argument("--mm-processor-kwargs", type=parse_mm_processor_kwargs, default=None, metavar="JSON",
+                   help="vLLM's: '{\"use_fast\": false}' reproduces HF's PIL image processor, true its fast "
+                        "(torchvision) one (default: the one HF picks here: fast where torchvision is installed)")
     g.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
                    help="folder from which file:// media may be read (default: none)")
     g.add_argument("--allowed-media-domains", type=_domain_list, nargs="+", default=None, metavar="DOMAIN",

@@ -207,3 +207,20 @@ def test_api_server_count_is_read_before_the_parser(argv, count) -> None:
     from runtime.metrics_multiprocess import api_server_count
 
     assert api_server_count(argv) == count
+
+
+def test_mm_processor_kwargs_use_fast():
+    """vLLM's --mm-processor-kwargs: use_fast picks HF's fast or PIL image processor arithmetic."""
+    assert engine_args_from(_parse("m")).mm_processor_kwargs is None  # HF's own choice
+    for text, want in (('{"use_fast": false}', {"use_fast": False}), ('{"use_fast": true}', {"use_fast": True}),
+                       ("{}", {})):
+        assert engine_args_from(_parse("m", "--mm-processor-kwargs", text)).mm_processor_kwargs == want
+    assert engine_args_from(_parse("m", "--mm_processor_kwargs", '{"use_fast": false}')).mm_processor_kwargs == {
+        "use_fast": False}
+    for bad in ('{"use_fast": "no"}', '{"min_pixels": 3136}', "[1]", "{bad"):
+        with pytest.raises(SystemExit):
+            _parse("m", "--mm-processor-kwargs", bad)
+    for bad, words in (({"use_fast": 1}, "use_fast must be true or false"),
+                       ({"max_pixels": 10}, "unsupported key"), ("fast", "expected an object")):
+        with pytest.raises(ValueError, match=f"mm_processor_kwargs: .*{words}"):
+            EngineArgs(model="m", mm_processor_kwargs=bad).validate()

@@ -7,7 +7,8 @@ Images: a PIL image, or precomputed embeddings ``{"image_embeds": [rows, hidden]
 feature_size, hidden], "image_grid_thw": [n, 3]}`` — which counts as ``n`` images (rows split by
 grid, as vLLM does; the 3-D form holds images of one size).
 A PIL image is only converted to RGB and resized here (``engine.mm_processors.qwen2_vl_resize``,
-with the model folder's HF image processor settings); its feature data is ``{"image_u8": uint8
+with the model folder's HF image processor settings, by PIL or as HF's fast processor resizes:
+``use_fast``, decided as HF decides, see ``engine.mm_processors.qwen2_vl_fast``); its feature data is ``{"image_u8": uint8
 [h, w, 3], "image_grid_thw": [[1, h/p, w/p]]}`` and the model runner turns it into HF's
 ``pixel_values`` on the device (``engine.mm_processors.qwen2_vl_pixels``).
 
@@ -34,6 +35,7 @@ from engine.mm_processor import (
     _is_pil,
     expand_placeholders,
 )
+from engine.mm_processors.qwen2_vl_fast import resolve_use_fast, video_use_fast
 from engine.mm_processors.qwen2_vl_resize import QwenResizeSpec, image_to_u8
 from engine.mm_processors.qwen_video import (
     DEFAULT_FPS,
@@ -84,7 +86,9 @@ class Qwen2VLProcessor(MultiModalProcessor):
         if not default_fps > 0:
             raise ValueError(f"default_fps: must be positive, got {default_fps}")
         self.default_fps = float(default_fps)
+        self.mm_processor_kwargs = dict(getattr(config.model, "mm_processor_kwargs", None) or {})
         self._image_processor = None
+        self._use_fast: bool | None = None
         self._resize_spec: QwenResizeSpec | None = None
         self._video_processor: QwenVideoPreprocessor | None = None
 
@@ -100,10 +104,19 @@ class Qwen2VLProcessor(MultiModalProcessor):
         return self._image_processor
 
     @property
+    def use_fast(self) -> bool:
+        """Whether images follow HF's fast (torchvision-backend) processor: ``mm_processor_kwargs``'
+        ``use_fast`` when given, else the backend HF's AutoImageProcessor chose for the folder
+        (torchvision when importable). The device preprocessor makes the same choice."""
+        if self._use_fast is None:
+            self._use_fast = resolve_use_fast(self.mm_processor_kwargs, self.image_processor)
+        return self._use_fast
+
+    @property
     def resize_spec(self) -> QwenResizeSpec:
         """The image processor's resize settings (the processor object is only read, never called)."""
         if self._resize_spec is None:
-            self._resize_spec = QwenResizeSpec.from_image_processor(self.image_processor)
+            self._resize_spec = QwenResizeSpec.from_image_processor(self.image_processor, fast=self.use_fast)
         return self._resize_spec
 
     @property
@@ -112,7 +125,8 @@ class Qwen2VLProcessor(MultiModalProcessor):
             cfg = QwenVideoConfig.from_model_dir(self.config.model.model_dir)
             cfg.check_against(self.hf_config.vision_config)
             self._video_processor = QwenVideoPreprocessor(
-                cfg, max_frames=self.max_video_frames, max_total_pixels=self.max_video_pixels
+                cfg, max_frames=self.max_video_frames, max_total_pixels=self.max_video_pixels,
+                fast=video_use_fast(self.mm_processor_kwargs),
             )
         return self._video_processor
 

@@ -7,6 +7,10 @@ device and batched over the images of one vision pass, they become exactly what 
 
 * rescale: ``float32(float64(x) * rescale_factor)`` (HF upcasts to float64, then casts down);
 * normalize: ``(x - mean) / std`` in float32;
+* or, where HF runs its fast (torchvision-backend) processor (``QwenPixelSpec.fast``, chosen by
+  ``engine.mm_processors.qwen2_vl_fast.resolve_use_fast``), both fused as it fuses them:
+  ``(float32(x) - mean / rescale_factor) / (std / rescale_factor)`` in float32, the two
+  constants computed as HF computes them (``qwen2_vl_fast.fused_mean_std``);
 * layout: ``pixel_values`` [gh*gw, C*T*p*p], rows ordered merge block by merge block
   (h-block, w-block, h-in-block, w-in-block), each row a (C, T, p, p) patch whose T =
   ``temporal_patch_size`` time steps are copies of the one image.
@@ -32,6 +36,7 @@ import torch
 
 from engine.device import to_device_async
 from engine.mm_device_preprocessor import DevicePreprocessor
+from engine.mm_processors.qwen2_vl_fast import fused_mean_std, resolve_use_fast
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +69,12 @@ class QwenPixelSpec:
     rescale_factor: float = 1 / 255
     do_rescale: bool = True
     do_normalize: bool = True
+    fast: bool = False  # HF's fast processor's fused rescale / normalize instead of the PIL one's
 
     @classmethod
-    def from_image_processor(cls, ip: Any) -> QwenPixelSpec:
-        """From an HF Qwen2-VL image processor object (either backend, transformers 4.x or 5.x)."""
+    def from_image_processor(cls, ip: Any, fast: bool = False) -> QwenPixelSpec:
+        """From an HF Qwen2-VL image processor object (either backend, transformers 4.x or 5.x);
+        ``fast``: the arithmetic of HF's fast processor (its settings are the same)."""
         return cls(
             patch_size=int(ip.patch_size),
             temporal_patch_size=int(ip.temporal_patch_size),
@@ -77,6 +84,7 @@ class QwenPixelSpec:
             rescale_factor=float(getattr(ip, "rescale_factor", 1 / 255)),
             do_rescale=bool(getattr(ip, "do_rescale", True)),
             do_normalize=bool(getattr(ip, "do_normalize", True)),
+            fast=fast,
         )
 
     @property
@@ -97,7 +105,12 @@ class QwenPixelSpec:
 
 @functools.lru_cache(maxsize=16)
 def _mean_std(spec: QwenPixelSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, std) float32 [3, 1, 1] on ``device``, made once (not a host-to-device copy per pass)."""
+    """(mean, std) float32 [3, 1, 1] on ``device``, made once (not a host-to-device copy per pass);
+    for the fast path with rescale on, HF's fused constants (mean, std over rescale_factor),
+    computed on the host as HF computes them there."""
+    if spec.fast and spec.do_rescale:
+        mean, std = fused_mean_std(spec.mean, spec.std, spec.rescale_factor)
+        return mean.to(device), std.to(device)
     mean = torch.tensor(spec.mean, dtype=torch.float32, device=device).view(3, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float32, device=device).view(3, 1, 1)
     return mean, std
@@ -111,7 +124,11 @@ def _pack_same_size(x: torch.Tensor, spec: QwenPixelSpec) -> torch.Tensor:
     # Patch layout first, on the uint8 pixels (4x fewer bytes to move than float32):
     # [n, hb, m, p, wb, m, p, C] -> [n, hb, wb, mh, mw, C, ph, pw]
     v = x.view(n, gh // m, m, p, gw // m, m, p, channels).permute(0, 1, 4, 2, 5, 7, 3, 6).contiguous()
-    if spec.do_rescale:  # float64 product, then float32: HF's rescale, bit for bit
+    if spec.fast:
+        # HF's fast processor: with normalize on, rescale is folded into mean / std (_mean_std);
+        # rescale alone is uint8 * rescale_factor, a float32 product.
+        r = v * spec.rescale_factor if spec.do_rescale and not spec.do_normalize else v.float()
+    elif spec.do_rescale:  # float64 product, then float32: HF's PIL rescale, bit for bit
         r = v.double().mul_(spec.rescale_factor).float()
     else:
         r = v.float()
@@ -177,7 +194,9 @@ class Qwen2VLDevicePreprocessor(DevicePreprocessor):
             self._missing = f"{config.model.model_dir}: no usable image processor config ({exc})"
             logger.warning("%s; images given as pixels will be refused", self._missing)
         else:
-            self.spec = QwenPixelSpec.from_image_processor(ip)
+            # The same choice as the front end's (Qwen2VLProcessor.use_fast): HF's rule, or vLLM's override.
+            fast = resolve_use_fast(getattr(config.model, "mm_processor_kwargs", None), ip)
+            self.spec = QwenPixelSpec.from_image_processor(ip, fast=fast)
             vision = getattr(getattr(config.model, "hf_config", None), "vision_config", None)
             if vision is not None:
                 self.spec.check_against(vision)

@@ -1,6 +1,10 @@
 """Qwen2-VL / Qwen2.5-VL images in the front end: PIL image -> resized RGB uint8 array + its hash.
 
-This is the part of HF's ``Qwen2VLImageProcessor`` (its PIL backend) that has to run on the host:
+Two paths, as HF has two processors (``engine.mm_processors.qwen2_vl_fast`` says which one runs):
+the PIL one below, and the fast (torchvision-backend) one, whose resize is torch's uint8
+interpolate (``QwenResizeSpec.fast``; ``qwen2_vl_fast.resize_hwc_u8``). RGB conversion is the same.
+
+This is the part of HF's ``Qwen2VLImageProcessorPil`` that has to run on the host:
 decoding, RGB conversion and the PIL resize. Rescale, normalize and the patch layout run where the
 vision tower runs, batched over the images of one vision pass
 (``engine.mm_processors.qwen2_vl_pixels``), so the front end ships ``uint8 [h, w, 3]`` — 8x fewer
@@ -24,6 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
+
+from engine.mm_processors.qwen2_vl_fast import resize_hwc_u8, torch_resize_mode
 
 _BILINEAR = 2  # PIL.Image.Resampling.BILINEAR: HF's PIL backend's fallback when resample is unset
 
@@ -73,9 +80,10 @@ class QwenResizeSpec:
     resample: int
     do_resize: bool = True
     do_convert_rgb: bool = True
+    fast: bool = False  # HF's fast (torchvision-backend) resize instead of PIL's
 
     @classmethod
-    def from_image_processor(cls, ip: Any) -> QwenResizeSpec:
+    def from_image_processor(cls, ip: Any, fast: bool = False) -> QwenResizeSpec:
         """From an HF Qwen2-VL image processor object. ``min_pixels`` / ``max_pixels`` are
         ``size.shortest_edge`` / ``size.longest_edge`` (transformers >= 4.49; 5.x has no other),
         else the older ``min_pixels`` / ``max_pixels`` attributes or ``size`` keys."""
@@ -94,7 +102,12 @@ class QwenResizeSpec:
             resample=_pil_resample(getattr(ip, "resample", None)),
             do_resize=bool(getattr(ip, "do_resize", True)),
             do_convert_rgb=bool(getattr(ip, "do_convert_rgb", True)),
+            fast=fast,
         )
+
+    def __post_init__(self) -> None:
+        if self.fast:
+            torch_resize_mode(self.resample)  # a filter without a torch mode fails at load, not per image
 
     @property
     def factor(self) -> int:
@@ -125,16 +138,23 @@ def to_rgb(image: Any, composite_alpha: bool = True) -> Any:
 
 
 def image_to_u8(image: Any, spec: QwenResizeSpec) -> np.ndarray:
-    """PIL image -> the resized RGB pixels HF's PIL path would normalize: uint8 [h, w, 3], with
-    h and w multiples of patch * merge. Raises what PIL raises on corrupt or truncated data."""
+    """PIL image -> the resized RGB pixels HF's processor (PIL or fast, per ``spec.fast``) would
+    normalize: uint8 [h, w, 3], with h and w multiples of patch * merge. Raises what PIL raises on
+    corrupt or truncated data."""
     rgb = to_rgb(image, spec.do_convert_rgb)
     width, height = rgb.size
     th, tw = spec.target_size(height, width)
-    if (th, tw) != (height, width):
-        rgb = rgb.resize((tw, th), resample=spec.resample)  # reducing_gap=None, as HF
-    # np.array, not asarray: asarray wraps PIL's read-only bytes, which torch warns about (and
-    # must never write to); the extra copy is ~20 us for 448x448.
-    pixels = np.array(rgb)  # [h, w, 3] uint8
+    if spec.fast:
+        # HF's fast processor resizes np.array of the RGB image (convert_to_rgb(return_numpy=True)).
+        pixels = np.array(rgb)  # [h, w, 3] uint8
+        if (th, tw) != (height, width):
+            pixels = resize_hwc_u8(torch.from_numpy(pixels), th, tw, torch_resize_mode(spec.resample)).numpy()
+    else:
+        if (th, tw) != (height, width):
+            rgb = rgb.resize((tw, th), resample=spec.resample)  # reducing_gap=None, as HF
+        # np.array, not asarray: asarray wraps PIL's read-only bytes, which torch warns about (and
+        # must never write to); the extra copy is ~20 us for 448x448.
+        pixels = np.array(rgb)  # [h, w, 3] uint8
     if pixels.dtype != np.uint8 or pixels.shape != (th, tw, 3):
         raise ValueError(f"expected RGB uint8 pixels of shape {(th, tw, 3)}, got {pixels.shape} {pixels.dtype}")
     return pixels

@@ -6,11 +6,14 @@ laid out exactly as HF's ``Qwen2VLVideoProcessor`` lays them out:
 
 1. Every frame is resized to the same ``smart_resize(H, W, factor=patch*merge, min_pixels,
    max_pixels)`` size (both sides multiples of patch*merge, area within [min, max] pixels,
-   aspect ratio kept), BICUBIC. HF resizes video frames with torchvision; here PIL does it, as
-   HF's PIL image processor does for images, so pixels can differ from HF's torchvision path by
-   interpolation rounding (the layout, sizes and grids are the same).
-2. Rescale (x * 1/255, computed in float64 then cast to float32, as HF does) and normalize
-   ((x - mean) / std in float32).
+   aspect ratio kept), BICUBIC. HF resizes video frames with torchvision: with ``fast`` (where
+   torchvision is importable, or ``use_fast`` is true: ``qwen2_vl_fast.video_use_fast``) the
+   frames are resized as HF's video processor resizes them (torch's uint8 interpolate on the
+   [T, C, H, W] frames, ``qwen2_vl_fast.resize_u8``), bit for bit; without it PIL does it, as
+   HF's PIL image processor does for images (HF itself has no video path without torchvision).
+2. Rescale and normalize: with ``fast``, HF's fused float32 ``(x - mean / rescale_factor) /
+   (std / rescale_factor)``; else x * 1/255 in float64 then cast to float32, and (x - mean) / std
+   in float32, as HF's PIL image processor does.
 3. The frame count is padded to a multiple of ``temporal_patch_size`` by repeating the last
    frame (HF's ``patchify``), then frames are cut into ``temporal_patch_size x p x p`` patches
    ordered by (t, h-block, w-block, h-in-block, w-in-block), each flattened as (C, T, p, p).
@@ -40,6 +43,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from engine.mm_processors.qwen2_vl_fast import fused_mean_std, resize_u8, torch_resize_mode
 
 DEFAULT_FPS = 2.0  # what HF's Qwen2.5-VL processor assumes when the frames' fps is not given
 DEFAULT_MAX_FRAMES = 256
@@ -208,7 +213,11 @@ class QwenVideoPreprocessor:
         *,
         max_frames: int = DEFAULT_MAX_FRAMES,
         max_total_pixels: int = DEFAULT_MAX_TOTAL_PIXELS,
+        fast: bool = False,
     ) -> None:
+        if fast:
+            torch_resize_mode(config.resample)  # a filter without a torch mode fails at load
+        self.fast = fast
         if max_frames < 1:
             raise ValueError(f"max_video_frames: must be >= 1, got {max_frames}")
         if max_total_pixels < 1:
@@ -240,10 +249,43 @@ class QwenVideoPreprocessor:
                 f"{self.max_total_pixels} pixels per video (max_video_pixels)"
             )
 
-    def __call__(self, video: Any, what: str = "video", max_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One video -> (pixel_values_videos [t*h*w, C*T*p*p] float32, video_grid_thw [[t, h, w]] int64)."""
+    def _pil_frames(self, frames: list[Any], rh: int, rw: int, padded: int) -> torch.Tensor:
+        """PIL resize, float64 rescale, float32 normalize: float32 [padded, rh, rw, 3], the first
+        len(frames) filled."""
         from PIL import Image
 
+        c = self.config
+        mean = torch.tensor(c.image_mean, dtype=torch.float32)
+        std = torch.tensor(c.image_std, dtype=torch.float32)
+        out = torch.empty(padded, rh, rw, 3, dtype=torch.float32)  # frames, H, W, C
+        for i, f in enumerate(frames):
+            resized = f if f.size == (rw, rh) else f.resize((rw, rh), resample=Image.Resampling(c.resample))
+            x = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy())
+            x = (x.double() * c.rescale_factor).float() if c.do_rescale else x.float()
+            out[i] = (x - mean) / std if c.do_normalize else x
+        return out
+
+    def _fast_frames(self, frames: list[Any], rh: int, rw: int, padded: int) -> torch.Tensor:
+        """HF's video processor: np.stack of the frames -> contiguous uint8 [T, C, H, W], one
+        interpolate over all frames, fused float32 rescale / normalize. Returns float32 [padded,
+        rh, rw, 3] (channels last, as ``_pil_frames``), the first len(frames) filled."""
+        c = self.config
+        x = torch.from_numpy(np.stack([np.asarray(f, dtype=np.uint8) for f in frames]))
+        x = resize_u8(x.permute(0, 3, 1, 2).contiguous(), rh, rw, torch_resize_mode(c.resample))
+        if c.do_rescale and c.do_normalize:
+            mean, std = fused_mean_std(c.image_mean, c.image_std, c.rescale_factor)
+            y = x.float().sub_(mean).div_(std)
+        elif c.do_normalize:
+            mean, std = fused_mean_std(c.image_mean, c.image_std, 1.0)
+            y = x.float().sub_(mean).div_(std)
+        else:
+            y = x * c.rescale_factor if c.do_rescale else x.float()
+        out = torch.empty(padded, rh, rw, 3, dtype=torch.float32)
+        out[: len(frames)] = y.permute(0, 2, 3, 1)
+        return out
+
+    def __call__(self, video: Any, what: str = "video", max_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One video -> (pixel_values_videos [t*h*w, C*T*p*p] float32, video_grid_thw [[t, h, w]] int64)."""
         if isinstance(video, (np.ndarray, torch.Tensor)) and video.ndim == 4:  # bound before any copy
             self.check(int(video.shape[0]), int(video.shape[1]), int(video.shape[2]), what)
         elif isinstance(video, (list, tuple)) and len(video) > self.max_frames:
@@ -262,14 +304,10 @@ class QwenVideoPreprocessor:
             raise ValueError(f"{what}: needs {n} placeholder tokens ({len(frames)} frames of {width}x{height}), "
                              f"more than max_model_len allows ({max_tokens})")
 
-        mean = torch.tensor(c.image_mean, dtype=torch.float32)
-        std = torch.tensor(c.image_std, dtype=torch.float32)
-        out = torch.empty(gt * tp, rh, rw, 3, dtype=torch.float32)  # frames, H, W, C
-        for i, f in enumerate(frames):
-            resized = f if f.size == (rw, rh) else f.resize((rw, rh), resample=Image.Resampling(c.resample))
-            x = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy())
-            x = (x.double() * c.rescale_factor).float() if c.do_rescale else x.float()
-            out[i] = (x - mean) / std if c.do_normalize else x
+        if self.fast:
+            out = self._fast_frames(frames, rh, rw, gt * tp)
+        else:
+            out = self._pil_frames(frames, rh, rw, gt * tp)
         if len(frames) < gt * tp:  # pad the frame count by repeating the last frame
             out[len(frames):] = out[len(frames) - 1]
         p, m = c.patch_size, c.merge_size
