@@ -121,7 +121,8 @@ def _position(cx: float, cy: float, w: int, h: int) -> str:
 
 
 def draw_picture(rng: np.random.Generator, layout: str = "single", num_objects: int | None = None) -> Picture:
-    """Draw one picture. "single": one shape, 35-80% of the short side, anywhere inside.
+    """Draw one picture. "single": one shape, 50-90% of the short side across, anywhere inside
+    (big: the model tells shapes apart by their outline, a few image patches across).
     "grid": ``num_objects`` (else 1-4) shapes in distinct cells of a 3 x 3 grid, none overlapping,
     with distinct (colour, shape) pairs so that "the red circle" names exactly one."""
     side, aspect = rng.uniform(MIN_SIDE, MAX_SIDE), math.exp(rng.uniform(-1, 1) * math.log(MAX_ASPECT))
@@ -134,7 +135,7 @@ def draw_picture(rng: np.random.Generator, layout: str = "single", num_objects: 
     colors, shapes = list(COLORS), list(SHAPES)
     objects: list[tuple[str, str, str]] = []
     if layout == "single":
-        r = rng.uniform(0.175, 0.4) * min(w, h)
+        r = rng.uniform(0.25, 0.45) * min(w, h)
         cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
         placed = [(cx, cy, r)]
     elif layout == "grid":
