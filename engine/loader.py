@@ -22,6 +22,12 @@ def resolve_model_dir(model: str, revision: str | None = None) -> Path:
         return path.resolve()
     if path.exists() or model.startswith((".", "/", "~")):
         raise ValueError(f"model: {model} is not a model folder")
+    if model == "vlmserve-demo":
+        # The demo checkpoint ships inside the package (no download where vlmserve is first
+        # tried); a local folder of that name, checked above, still wins.
+        from runtime.demo_vlm import demo_model_dir
+
+        return demo_model_dir()
     try:
         from huggingface_hub import snapshot_download
 

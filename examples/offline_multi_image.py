@@ -34,11 +34,7 @@ def main() -> None:
 
     from engine import LLM, SamplingParams
 
-    model = args.model
-    if model is None:
-        from runtime.demo_model import ensure_demo_model
-
-        model = str(ensure_demo_model())
+    model = args.model or "vlmserve-demo"  # the bundled demo model, loaded by name
     images = [image_part(ref) for ref in args.image] if args.image else [image_part(None, 0), image_part(None, 1)]
     llm = LLM(model=model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
               limit_mm_per_prompt={"image": len(images)})

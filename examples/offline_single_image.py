@@ -5,7 +5,7 @@
 
 ``--model``: any Qwen2-VL-family folder or hub id (or another vision-language model vlmserve runs;
 its chat template places the image). Without it the bundled demo model is used
-(``runtime.demo_model.ensure_demo_model``). ``--image``: a file, or an http(s):// / data: URL;
+(``vlmserve-demo``). ``--image``: a file, or an http(s):// / data: URL;
 without it a generated picture is used, so the script runs offline. ``--json`` prints
 ``{"text": ...}`` instead of prose.
 """
@@ -53,11 +53,7 @@ def main() -> None:
 
     from engine import LLM, SamplingParams
 
-    model = args.model
-    if model is None:
-        from runtime.demo_model import ensure_demo_model
-
-        model = str(ensure_demo_model())
+    model = args.model or "vlmserve-demo"  # the bundled demo model, loaded by name
     llm = LLM(model=model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
               limit_mm_per_prompt={"image": 1})
     messages = [{"role": "user", "content": [image_part(args.image), {"type": "text", "text": args.question}]}]

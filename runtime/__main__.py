@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from runtime._kserve import model_server
 from runtime.args import GRACE_HELP, add_engine_args, non_negative_int, normalize_argv
@@ -57,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--workers: only 1 is supported (the engine runs in its own process)")
     model_server.args = ns  # what KServe's ModelServer reads (logging, predictor settings)
     ns.model = ns.model_dir
+    from runtime.demo_vlm import DEMO_MODEL_NAME
+
+    if ns.model_name == DEMO_MODEL_NAME and not Path(ns.model_dir).exists():
+        ns.model = DEMO_MODEL_NAME  # no model mounted: the bundled demo (engine.loader resolves the name)
     config = ServerConfig(
         host=ns.host, http_port=ns.http_port, grpc_port=ns.grpc_port, enable_grpc=ns.enable_grpc,
         grace_period=ns.graceful_shutdown_timeout, max_threads=ns.max_threads,

@@ -2,8 +2,8 @@
 
 * ``vlmserve generate [MODEL] --prompt TEXT ...`` runs an offline generation with ``engine.LLM``
   and prints each prompt and its output. Without MODEL it uses the bundled demo checkpoint
-  (``runtime.demo_model.ensure_demo_model``: a tiny Qwen2 with random weights, so the text is
-  meaningless), built on first use.
+  ``vlmserve-demo`` (``runtime.demo_vlm``: a tiny VLM trained on synthetic pictures, so text
+  alone gets no meaningful answer).
 * ``vlmserve serve [MODEL] [flags]`` starts the server (see runtime.serve), like ``vllm serve``.
 """
 
@@ -31,9 +31,9 @@ def _build_parser() -> argparse.ArgumentParser:
         help="run an offline generation and print the output",
         description=(
             "Run an offline generation through engine.LLM and print each prompt and its output. "
-            "Without MODEL, the bundled demo model is used: a tiny Qwen2 with random weights "
-            "(built once into $VLMSERVE_DEMO_DIR or ~/.cache/vlmserve/demo-qwen2), whose "
-            "output is meaningless text."
+            "Without MODEL, the bundled demo model vlmserve-demo is used: a tiny VLM that knows "
+            "only synthetic pictures of coloured shapes, so text-only prompts get no meaningful "
+            "answer (ask it about a picture with `vlmserve serve` or engine.LLM.chat)."
         ),
     )
     gen.add_argument("model", nargs="?", default=None, metavar="MODEL",
@@ -69,11 +69,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     model = args.model
     if model is None:
-        from runtime.demo_model import default_demo_dir, ensure_demo_model
+        from runtime.demo_vlm import DEMO_MODEL_NAME
 
-        print(f"vlmserve: using the demo model (random weights, meaningless output) at {default_demo_dir()}",
-              file=sys.stderr)
-        model = str(ensure_demo_model())
+        print(f"vlmserve: using the demo model {DEMO_MODEL_NAME}, which knows only synthetic pictures "
+              "of coloured shapes: text-only prompts get no meaningful answer", file=sys.stderr)
+        model = DEMO_MODEL_NAME
     try:
         params = SamplingParams(
             max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed

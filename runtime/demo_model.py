@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -153,23 +154,24 @@ _STYLES = {
 _VOCAB_SIZE = 512
 
 
-def _corpus_iter():
+def _corpus_iter(extra: Sequence[str] = ()):
     # A little repetition and some lowercased/uppercased variants so common merges form.
     for _ in range(3):
-        for s in _CORPUS:
+        for s in [*_CORPUS, *extra]:
             yield s
             yield s.lower()
     for s in _CORPUS:
         yield s.upper()
 
 
-def train_tokenizer(out_dir: Path, style: str) -> PreTrainedTokenizerFast:
+def train_tokenizer(out_dir: Path, style: str, extra_corpus: Sequence[str] = ()) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer (vocab ~512) and save it to ``out_dir``.
 
     ``style="qwen2"``: ``<|endoftext|>`` (pad), ``<|im_start|>``, ``<|im_end|>`` (eos), ChatML
     template, no bos. ``style="llama"``: ``<unk>``, ``<s>`` (bos, prepended by the post-processor),
     ``</s>`` (eos), ``[INST]`` template. ByteLevel pre-tokenizer + decoder, so
-    ``decode(encode(text))`` round-trips any text.
+    ``decode(encode(text))`` round-trips any text. ``extra_corpus``: more training sentences (the
+    demo VLM's questions and answers), so that its words get merges of their own.
     """
     if style not in _STYLES:
         raise ValueError(f"unknown tokenizer style {style!r}; expected one of {sorted(_STYLES)}")
@@ -201,7 +203,7 @@ def train_tokenizer(out_dir: Path, style: str) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus_iter(), trainer=trainer)
+    tok.train_from_iterator(_corpus_iter(extra_corpus), trainer=trainer)
 
     if st["bos"] is not None:
         bos = st["bos"]
@@ -234,11 +236,12 @@ def train_tokenizer(out_dir: Path, style: str) -> PreTrainedTokenizerFast:
 
 
 def train_tokenizer_with_special_tokens(
-    out_dir: Path, style: str, special_tokens: list[str], chat_template: str
+    out_dir: Path, style: str, special_tokens: list[str], chat_template: str, extra_corpus: Sequence[str] = ()
 ) -> PreTrainedTokenizerFast:
-    """``train_tokenizer(out_dir, style)`` plus ``special_tokens`` (additional special tokens) and
-    ``chat_template``, saved again into ``out_dir`` (the tests' multimodal checkpoints use it)."""
-    tok = train_tokenizer(out_dir, style)
+    """``train_tokenizer(out_dir, style, extra_corpus)`` plus ``special_tokens`` (additional special
+    tokens) and ``chat_template``, saved again into ``out_dir`` (the tests' multimodal checkpoints
+    and the demo VLM use it)."""
+    tok = train_tokenizer(out_dir, style, extra_corpus)
     tok.add_special_tokens({"additional_special_tokens": list(special_tokens)})
     tok.chat_template = chat_template
     tok.save_pretrained(out_dir)

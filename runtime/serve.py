@@ -77,13 +77,13 @@ def run_serve(ns: argparse.Namespace) -> int:
             return 2
         ns.model = ns.vllm_model
     if ns.model is None:
-        from runtime.demo_model import default_demo_dir, ensure_demo_model
+        from runtime.demo_vlm import DEMO_MODEL_NAME, demo_model_dir
 
-        print(f"vlmserve: serving the demo model (random weights, meaningless output) at {default_demo_dir()}",
-              file=sys.stderr)
-        ns.model = str(ensure_demo_model())
-        # A path is a poor model name (v2 routes cannot carry its slashes): name the demo.
-        ns.served_model_name = ns.served_model_name or ["vlmserve-demo"]
+        print(f"vlmserve: serving the demo model {DEMO_MODEL_NAME} ({demo_model_dir()}): a tiny VLM that knows "
+              "only synthetic pictures of coloured shapes (see its README.md)", file=sys.stderr)
+        # The name, not the path: the engine resolves it to the bundled checkpoint, and it is
+        # the name the model answers to (v2 routes could not carry a path's slashes).
+        ns.model = DEMO_MODEL_NAME
     names = ns.served_model_name or [ns.model]
     ns.served_model_name = names
     argv = sys.argv[1:]
