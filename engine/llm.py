@@ -140,7 +140,9 @@ class LLM:
         Message content is a string or OpenAI-style parts (text, image_url with data:/http(s)/file
         URLs, or {"type": "image", "image": PIL.Image}), interleaved in any order."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [self.processor.chat_prompt(c, self.media_loader, chat_template, add_generation_prompt)
+        # Each conversation is one request: its images share one pixel budget
+        # (max_request_image_pixels), as they do on the server.
+        prompts = [self.processor.chat_prompt(c, self.media_loader.for_request(), chat_template, add_generation_prompt)
                    for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm and len(prompts) > 1)
 

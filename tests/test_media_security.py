@@ -528,3 +528,28 @@ class TestOpenedServer:
             assert [h for _, h in host.requests] == [f"127.0.0.1:{host.port}"], target
         assert host.ftp_connections == 0
 
+
+
+def test_offline_chat_holds_each_conversation_to_the_request_pixel_budget(served_qwen2_vl):
+    """``--max-request-image-pixels`` bounds one request's images together on the server; offline,
+    ``LLM.chat`` used to check only each image alone. One conversation over the budget is refused,
+    naming the limit; each conversation has a budget of its own, so two that fit both run."""
+    from engine import LLM, SamplingParams
+    from PIL import Image
+
+    def data_url(k: int) -> str:
+        buf = io.BytesIO()
+        Image.new("RGB", (112, 112), (40 * k, 90, 200)).save(buf, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+    def conversation(n: int) -> list[dict]:  # image URLs: what the loader decodes, and bounds
+        parts = [{"type": "image_url", "image_url": {"url": data_url(k)}} for k in range(n)]
+        return [{"role": "user", "content": [*parts, {"type": "text", "text": "What is this?"}]}]
+
+    llm = LLM(model=str(served_qwen2_vl), dtype="float32", device="cpu", max_model_len=1024,
+              max_request_image_pixels=2 * 112 * 112, limit_mm_per_prompt={"image": 3})
+    params = SamplingParams(temperature=0, max_tokens=2)
+    with pytest.raises(ValueError, match="max-request-image-pixels"):
+        llm.chat(conversation(3), params)
+    outs = llm.chat([conversation(2), conversation(2)], params)
+    assert len(outs) == 2 and all(len(o.outputs[0].token_ids) == 2 for o in outs)
