@@ -79,13 +79,10 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = tempfile.TemporaryDirectory(prefix="stream_cost_")
     model = args.model
-    if model is None:
-        from bench.serve_model import build_w1_model
-
+    if model is None:  # built in a child, as serve_bench does, so this process stays small
         model = str(Path(tmp.name) / "model")
         subprocess.run([sys.executable, "-c", f"from bench.serve_model import build_w1_model; "
                         f"build_w1_model({model!r}, True)"], cwd=REPO_ROOT, check=True, capture_output=True)
-        del build_w1_model
     port, grpc_port = sb.free_port(), sb.free_port()
     url = f"http://127.0.0.1:{port}"
     head = [sys.executable, "-m", "runtime.serve"] if args.real_core else [sys.executable, "-m", "bench.stream_cost",
