@@ -29,6 +29,7 @@ from engine.outputs import (
 from engine.pooling_params import PoolingParams
 from engine.sampling_params import SamplingParams
 from runtime._kserve import kserve
+from runtime.chunk_json import ChatChunkWriter, JSONText
 from runtime.model import EnginePrompt, PromptError, VLMModel
 from runtime.openai_protocol import (
     AssistantMessage,
@@ -116,18 +117,27 @@ def _top(entry: PositionLogprobs, k: int) -> list[tuple[int, Any]]:
                   key=lambda x: x[1].rank)
 
 
-def chat_logprobs(c: CompletionOutput, k: int) -> ChatChoiceLogprobs | None:
+def chat_logprob_entries(c: CompletionOutput, k: int) -> list[dict[str, Any]] | None:
+    """``ChatChoiceLogprobs.content`` as plain dicts (token, logprob, top_logprobs; ``bytes`` is
+    the token's UTF-8), for ``ChatChunkWriter``."""
     if c.logprobs is None:
         return None
     content = []
     for token_id, entry in zip(c.token_ids, c.logprobs):
         chosen = entry[token_id]
-        text = chosen.decoded_token or ""
-        tops = [TopLogprob(token=lp.decoded_token or "", logprob=_clamp(lp.logprob),
-                           bytes=list((lp.decoded_token or "").encode())) for _, lp in _top(entry, k)]
-        content.append(TokenLogprob(token=text, logprob=_clamp(chosen.logprob), bytes=list(text.encode()),
-                                    top_logprobs=tops))
-    return ChatChoiceLogprobs(content=content)
+        tops = [{"token": lp.decoded_token or "", "logprob": _clamp(lp.logprob)} for _, lp in _top(entry, k)]
+        content.append({"token": chosen.decoded_token or "", "logprob": _clamp(chosen.logprob), "top_logprobs": tops})
+    return content
+
+
+def chat_logprobs(c: CompletionOutput, k: int) -> ChatChoiceLogprobs | None:
+    entries = chat_logprob_entries(c, k)
+    if entries is None:
+        return None
+    return ChatChoiceLogprobs(content=[
+        TokenLogprob(token=e["token"], logprob=e["logprob"], bytes=list(e["token"].encode()),
+                     top_logprobs=[TopLogprob(token=t["token"], logprob=t["logprob"], bytes=list(t["token"].encode()))
+                                   for t in e["top_logprobs"]]) for e in entries])
 
 
 def completion_logprobs(c: CompletionOutput, k: int, offset: int = 0) -> CompletionLogprobs | None:
@@ -357,6 +367,7 @@ class OpenAIDataPlane:
     async def _chat_stream(self, model: VLMModel, name: str, prompt: EnginePrompt, params: SamplingParams,
                            rid: str, k: int, include_usage: bool) -> AsyncIterator[ChatCompletionChunk]:
         created = int(time.time())
+        writer = ChatChunkWriter(rid, created, name)  # the chunks' JSON, without a model per token
 
         def chunk(choices: list[ChatCompletionStreamChoice], usage: UsageInfo | None = None) -> ChatCompletionChunk:
             return ChatCompletionChunk(id=rid, created=created, model=name, choices=choices, usage=usage)
@@ -370,17 +381,22 @@ class OpenAIDataPlane:
             # The engine's prompt length: image placeholders expanded.
             prompt_tokens = len(first.prompt_token_ids) if first is not None else len(prompt.token_ids)
             for i in range(params.n):
-                yield chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+                yield JSONText(writer.role(i))
             async for out in _chain(first, stream):
                 for c in out.outputs:
                     completion_tokens += len(c.token_ids)
                     if deltas.skip(c.index, c):
                         continue
-                    yield chunk([ChatCompletionStreamChoice(
+                    entries = chat_logprob_entries(c, k)
+                    text = writer.content(c.index, c.text, entries, c.finish_reason, c.stop_reason)
+                    if text is not None:
+                        yield JSONText(text)
+                        continue
+                    yield chunk([ChatCompletionStreamChoice(  # a non-finite logprob: the models write it
                         index=c.index, delta=DeltaMessage(content=c.text), logprobs=chat_logprobs(c, k),
                         finish_reason=c.finish_reason, stop_reason=c.stop_reason)])
         if include_usage:
-            yield chunk([], self._usage(prompt_tokens, completion_tokens))
+            yield JSONText(writer.usage(prompt_tokens, completion_tokens))
 
     # -- completions -----------------------------------------------------------------------------
     async def create_completion(self, req: CompletionRequest) -> CompletionResponse | AsyncIterator[CompletionChunk]:
