@@ -38,6 +38,8 @@ VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video
 # The model sees pictures of 56 x 56 to 112 x 112 pixels' area (2 x 2 to 4 x 4 image tokens of
 # 28 x 28 px for a square picture): small enough to train in minutes on a CPU. At 84 x 84 at most
 # shapes were learnt far more slowly than colours (a shape was then 2-3 patches of 14 px across).
+# --patch-size / --min-pixels / --max-pixels try other resolutions (the engine reads all three from
+# the checkpoint); patch 7 at <= 84 x 84 px was no faster to learn shapes in 600 steps.
 MIN_PIXELS = 56 * 56
 MAX_PIXELS = 112 * 112
 # Question kinds in a training batch: colour and shape first (the demo's promise), shape the hardest.
@@ -91,7 +93,7 @@ def build_config(tok, args: argparse.Namespace) -> transformers.Qwen2VLConfig:
         ),
         vision_config=dict(
             depth=args.vision_layers, embed_dim=args.vision_width, num_heads=args.vision_width // 32, mlp_ratio=4,
-            hidden_act="quick_gelu", patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+            hidden_act="quick_gelu", patch_size=args.patch_size, spatial_merge_size=2, temporal_patch_size=2,
             in_channels=3, hidden_size=args.hidden,
         ),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
@@ -100,15 +102,19 @@ def build_config(tok, args: argparse.Namespace) -> transformers.Qwen2VLConfig:
     )
 
 
-def save_image_processor(out: Path):
+def save_image_processor(out: Path, args: argparse.Namespace):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    ip = Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    unit = (args.patch_size * 2) ** 2  # min/max pixels: whole image tokens (patch x 2 x 2 merge)
+    if args.min_pixels % unit or args.max_pixels % unit:
+        raise SystemExit(f"--min-pixels / --max-pixels must be multiples of {unit}")
+    ip = Qwen2VLImageProcessorPil(min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+                                  patch_size=args.patch_size, merge_size=2)
     ip.save_pretrained(out)
     # Real checkpoints also carry the v4 keys (read by transformers 4.x and vLLM-style code).
     path = out / "preprocessor_config.json"
     pp = json.loads(path.read_text())
-    pp.update(image_processor_type="Qwen2VLImageProcessor", min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    pp.update(image_processor_type="Qwen2VLImageProcessor", min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     path.write_text(json.dumps(pp, indent=2) + "\n")
     return ip
 
@@ -188,6 +194,9 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--vision-width", type=int, default=96)
     p.add_argument("--vision-layers", type=int, default=3)
+    p.add_argument("--patch-size", type=int, default=14, help="vision patch side in pixels (merged 2 x 2 into one token)")
+    p.add_argument("--min-pixels", type=int, default=MIN_PIXELS, help="image area bounds of the image processor")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS)
     p.add_argument("--kind-weights", type=lambda v: {k: float(w) for k, w in (kv.split("=") for kv in v.split(","))},
                    default=KIND_WEIGHTS, help="question mix, e.g. color=0.2,shape=0.3,count=0.2,where=0.3")
     p.add_argument("--eval-every", type=int, default=250)
@@ -205,7 +214,7 @@ def main() -> None:
     config.dtype = torch.float32
     model = transformers.Qwen2VLForConditionalGeneration(config).to(torch.float32)
     model.train()
-    ip = save_image_processor(out)
+    ip = save_image_processor(out, args)
     batcher = Batcher(tok, ip, config.image_token_id)
     print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M", flush=True)
 
