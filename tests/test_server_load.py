@@ -475,8 +475,11 @@ def test_mixed_load_64_clients(server, vlm_dir) -> None:
                     - metric(before, "vllm:request_success_total", finished_reason=reason)
                     for reason in ("length", "abort", "stop")}
         # Every dropped stream was aborted; a given-up request was aborted, or never reached the engine.
-        assert finished["length"] == counts["greedy"] and finished["stop"] == 0, (finished, counts)
-        assert counts["drop"] <= finished["abort"] <= counts["drop"] + counts["hangup"], (finished, counts)
+        # Every hangup job was aborted, or (on a fast machine) answered in full before its client
+        # gave up: each one is counted once, as an abort or as a finish by length.
+        answered = finished["length"] - counts["greedy"]
+        assert 0 <= answered <= counts["hangup"] and finished["stop"] == 0, (finished, counts)
+        assert counts["drop"] <= finished["abort"] <= counts["drop"] + counts["hangup"] - answered, (finished, counts)
         assert metric(after, "vllm:kv_cache_usage_perc") == 0
         figures[phase] = (len(results), round(elapsed, 1), server.rss() / 2**20, finished["abort"])
     print(f"\nload test figures (requests, seconds, RSS MiB, aborted): {figures}")
